@@ -1,0 +1,206 @@
+"""Datasets as in-memory arrays, and the deterministic batch schedule.
+
+The batch for step ``t`` is a pure function of ``(seed, t)`` (a permutation per
+epoch keyed by ``jax.random.fold_in``), so REPLAY can recompute any segment of a
+run bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A classification dataset with train / validation / test splits held in memory.
+
+    ``input_range`` is the valid range of input values (used to keep poisoned
+    inputs valid); it defaults to the range seen in the training inputs.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    name: str = "arrays"
+    input_range: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        for split in ("train", "val", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if np.ndim(y) != 1:
+                raise ValueError(f"y_{split} must be a 1-D array of integer labels, got shape {np.shape(y)}.")
+            if np.shape(x)[0] != np.shape(y)[0]:
+                raise ValueError(
+                    f"x_{split} has {np.shape(x)[0]} examples but y_{split} has {np.shape(y)[0]}: "
+                    "give one label per input."
+                )
+            if np.shape(x)[0] == 0:
+                raise ValueError(f"the {split} split is empty.")
+            if not np.issubdtype(np.asarray(y).dtype, np.integer):
+                raise ValueError(f"y_{split} must hold integer class labels, got dtype {np.asarray(y).dtype}.")
+            if np.min(y) < 0 or np.max(y) >= self.num_classes:
+                raise ValueError(
+                    f"y_{split} holds labels in [{np.min(y)}, {np.max(y)}] but num_classes={self.num_classes}."
+                )
+            if not np.all(np.isfinite(x)):
+                raise ValueError(f"x_{split} holds NaN or inf values: clean or impute them first.")
+        if np.shape(self.x_train)[1:] != np.shape(self.x_val)[1:] or np.shape(self.x_train)[1:] != np.shape(self.x_test)[1:]:
+            raise ValueError(
+                f"input shapes differ between splits: train {np.shape(self.x_train)[1:]}, "
+                f"val {np.shape(self.x_val)[1:]}, test {np.shape(self.x_test)[1:]}."
+            )
+        if self.input_range is None:
+            object.__setattr__(self, "input_range", (float(np.min(self.x_train)), float(np.max(self.x_train))))
+
+    @property
+    def num_train(self) -> int:
+        return int(np.shape(self.x_train)[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(np.shape(self.x_train)[1:])
+
+    def split(self, name: str):
+        """``(x, y)`` of ``"train"``, ``"val"`` or ``"test"``."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; use 'train', 'val' or 'test'.")
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    def astype(self, dtype) -> "Dataset":
+        """The same dataset with inputs cast to ``dtype`` (labels stay integer)."""
+        cast = lambda x: np.asarray(x, dtype=dtype)  # noqa: E731
+        return dataclasses.replace(self, x_train=cast(self.x_train), x_val=cast(self.x_val), x_test=cast(self.x_test))
+
+    def with_train(self, x_train, y_train) -> "Dataset":
+        return dataclasses.replace(self, x_train=np.asarray(x_train), y_train=np.asarray(y_train))
+
+
+def from_arrays(x, y, *, num_classes=None, val_fraction=0.15, test_fraction=0.15, seed=0, name="arrays") -> Dataset:
+    """Split in-memory arrays ``x`` (examples first) and integer labels ``y`` at random into three splits."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}.")
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1.")
+    order = np.random.default_rng(seed).permutation(x.shape[0])
+    n_val, n_test = int(round(val_fraction * len(order))), int(round(test_fraction * len(order)))
+    val, test, train = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
+    num_classes = int(num_classes if num_classes is not None else y.max() + 1)
+    return Dataset(x[train], y[train], x[val], y[val], x[test], y[test], num_classes=num_classes, name=name)
+
+
+def mnist1d(*, num_val: int = 1000, seed: int = 0, **generator_args) -> Dataset:
+    """MNIST-1D (Greydanus & Kobak, "Scaling Down Deep Learning with MNIST-1D", ICML 2024), generated offline.
+
+    Uses ``mnist1d.data.make_dataset`` (no download): 4,000 training sequences of
+    length 40 and 1,000 test ones by default; the last ``num_val`` training
+    sequences become the validation split. ``generator_args`` override fields of
+    ``mnist1d.data.get_dataset_args()`` (e.g. ``iid_noise_scale``, ``shear_scale``).
+    """
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    for key, value in generator_args.items():
+        if not hasattr(args, key):
+            raise ValueError(f"mnist1d has no generator setting {key!r}; known: {sorted(vars(args))}.")
+        setattr(args, key, value)
+    args.seed = seed if "seed" not in generator_args else generator_args["seed"]
+    raw = make_dataset(args)
+    x, y = np.asarray(raw["x"], np.float32), np.asarray(raw["y"], np.int32)
+    if not 0 < num_val < len(y):
+        raise ValueError(f"num_val must be in (0, {len(y)}), got {num_val}.")
+    return Dataset(
+        x[:-num_val], y[:-num_val], x[-num_val:], y[-num_val:],
+        np.asarray(raw["x_test"], np.float32), np.asarray(raw["y_test"], np.int32),
+        num_classes=10, name="mnist1d",
+    )
+
+
+def from_tfds(name: str, *, data_dir=None, train_split="train", test_split="test", num_val=None,
+              image_key="image", label_key="label", max_examples=None, seed=0) -> Dataset:
+    """A named dataset through ``tfds.data_source`` (random access, no TensorFlow needed).
+
+    Inputs are scaled to ``[0, 1]`` when stored as uint8. The validation split is
+    the last ``num_val`` training examples (default 10%).
+    """
+    import tensorflow_datasets as tfds
+
+    def load(split):
+        source = tfds.data_source(name, split=split, data_dir=data_dir)
+        n = len(source) if max_examples is None else min(len(source), max_examples)
+        records = [source[i] for i in range(n)]
+        xs = np.stack([np.asarray(r[image_key]) for r in records])
+        ys = np.asarray([int(r[label_key]) for r in records], np.int32)
+        if xs.dtype == np.uint8:
+            xs = xs.astype(np.float32) / 255.0
+        return xs.astype(np.float32), ys
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    num_classes = builder.info.features[label_key].num_classes
+    x, y = load(train_split)
+    x_test, y_test = load(test_split)
+    order = np.random.default_rng(seed).permutation(len(y))
+    x, y = x[order], y[order]
+    num_val = num_val if num_val is not None else max(1, len(y) // 10)
+    range_ = (0.0, 1.0) if x.max() <= 1.0 and x.min() >= 0.0 else None
+    return Dataset(x[:-num_val], y[:-num_val], x[-num_val:], y[-num_val:], x_test, y_test,
+                   num_classes=num_classes, name=name, input_range=range_)
+
+
+_FEISTEL_ROUNDS = 4
+
+
+def _mix(x, k):
+    """A 32-bit integer hash (murmur3-style finalizer) of ``x`` under round key ``k``."""
+    x = (x ^ k) * jnp.uint32(0x9E3779B1)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x85EBCA77)
+    return x ^ (x >> 13)
+
+
+def permuted_index(key, i, n: int):
+    """``perm(i)`` for a pseudo-random permutation ``perm`` of ``range(n)`` chosen by ``key``.
+
+    A balanced Feistel network on the smallest even number of bits covering ``n``,
+    with cycle walking back into ``[0, n)`` (as in grain's index shuffle): O(1)
+    work per index, so a batch costs O(batch) instead of a sort of the whole epoch.
+    """
+    bits = max(2, int(np.ceil(np.log2(max(n, 2)))))
+    bits += bits % 2
+    half = bits // 2
+    mask = jnp.uint32((1 << half) - 1)
+    round_keys = jax.random.bits(key, (_FEISTEL_ROUNDS,), jnp.uint32)
+
+    def permute(x):
+        left, right = x >> half, x & mask
+        for r in range(_FEISTEL_ROUNDS):
+            left, right = right, left ^ (_mix(right, round_keys[r]) & mask)
+        return (left << half) | right
+
+    x = permute(jnp.asarray(i, jnp.uint32))
+    x = lax.while_loop(lambda x: jnp.any(x >= n), lambda x: jnp.where(x >= n, permute(x), x), x)
+    return x.astype(jnp.int32)
+
+
+def batch_indices(key, t, num_examples: int, batch_size: int):
+    """Indices of the batch for step ``t``, a pure function of ``(key, t)``.
+
+    Epoch ``e = t // (n // b)`` visits the examples in the order of a fresh
+    permutation keyed by ``fold_in(key, e)``; step ``t`` takes the next ``b`` of
+    them (the last ``n mod b`` of each epoch are skipped, as with ``drop_last``).
+    """
+    if batch_size > num_examples:
+        raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} training examples.")
+    steps_per_epoch = num_examples // batch_size
+    epoch, position = t // steps_per_epoch, t % steps_per_epoch
+    slots = position * batch_size + jnp.arange(batch_size)
+    return permuted_index(jax.random.fold_in(key, epoch), slots, num_examples)

@@ -1,0 +1,234 @@
+"""The functional training loop shared by every system of metagrad.
+
+A :class:`TrainingProblem` turns a flax model, an optax optimizer and a dataset
+into the three pure functions of REPLAY's contract::
+
+    state_0     = problem.init_state()
+    state_{t+1} = problem.step(state_t, meta, t)
+    value       = problem.objective(state_T, meta)   # validation loss by default
+
+where ``meta`` is a dict of the named metaparameters the problem declares
+(:mod:`metagrad.meta`). The batch of step ``t``, dropout and every other random
+choice are functions of ``(seed, t)``, so any segment recomputes bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import replay
+
+from .data import Dataset, batch_indices
+from .meta import DataWeights, LRSchedule, Poison
+from .models import takes_train_flag
+
+
+def _has_injected_lr(opt_state) -> bool:
+    return hasattr(opt_state, "hyperparams") and "learning_rate" in opt_state.hyperparams
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainingProblem:
+    """A training run whose learning-rate schedule, data weights and poison are metaparameters.
+
+    Args:
+      model: a flax linen module mapping a batch of inputs to logits (``train=``
+        is passed when its ``__call__`` takes it).
+      optimizer: an optax optimizer built with ``optax.inject_hyperparams`` so
+        that its learning rate can be set at every step, e.g.
+        ``optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)``.
+      data: a :class:`~metagrad.data.Dataset`.
+      num_steps: training steps ``T``.
+      batch_size: examples per step.
+      seed: keys initialization, batch order and dropout.
+      lr_schedule: the LR metaparameter's spec (``None`` keeps the optimizer's own LR).
+      data_weights, poison: optional metaparameter specs.
+      param_dtype: dtype of parameters and inputs (use ``jnp.float64`` with x64 for exactness checks).
+      objective_split: the split whose mean loss is the metaobjective.
+      maximize: the metaobjective is the *negative* loss (for attacks), so minimizing it maximizes the loss.
+    """
+
+    model: nn.Module
+    optimizer: optax.GradientTransformation
+    data: Dataset
+    num_steps: int
+    batch_size: int = 128
+    seed: int = 0
+    lr_schedule: LRSchedule | None = dataclasses.field(default_factory=LRSchedule)
+    data_weights: DataWeights | None = None
+    poison: Poison | None = None
+    param_dtype: Any = jnp.float32
+    objective_split: str = "val"
+    maximize: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {self.num_steps!r}.")
+        if not 1 <= self.batch_size <= self.data.num_train:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be in [1, {self.data.num_train}] (the training set size)."
+            )
+        if self.poison is not None and max(self.poison.indices, default=-1) >= self.data.num_train:
+            raise ValueError(
+                f"Poison.indices reach {max(self.poison.indices)} but the training set has "
+                f"{self.data.num_train} examples."
+            )
+        object.__setattr__(self, "data", self.data.astype(self.param_dtype))
+        object.__setattr__(self, "_train_flag", takes_train_flag(self.model))
+        slots = None if self.poison is None else self.poison.slot_of_example(self.data.num_train)
+        object.__setattr__(self, "_poison_slots", slots)
+        probe = self.optimizer.init({"w": jnp.zeros((1,), self.param_dtype)})
+        if self.lr_schedule is not None and not _has_injected_lr(probe):
+            raise TypeError(
+                "the optimizer must expose its learning rate as an injected hyperparameter so the schedule "
+                "can set it each step: build it as optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, ...)."
+            )
+
+    # ----------------------------------------------------------------- metaparameters
+    def meta_specs(self) -> dict:
+        """The declared metaparameter specs by name."""
+        specs = {"lr_schedule": self.lr_schedule, "data_weights": self.data_weights, "poison": self.poison}
+        return {name: spec for name, spec in specs.items() if spec is not None}
+
+    def init_meta(self) -> dict:
+        """Initial metaparameter values, one entry per declared spec."""
+        meta = {}
+        if self.lr_schedule is not None:
+            meta["lr_schedule"] = self.lr_schedule.init(self.num_steps, self.param_dtype)
+        if self.data_weights is not None:
+            meta["data_weights"] = self.data_weights.init(self.data.num_train, self.param_dtype)
+        if self.poison is not None:
+            meta["poison"] = self.poison.init(self.data.input_shape, self.param_dtype)
+        return meta
+
+    def check_meta(self, meta) -> None:
+        """Raise ``ValueError`` saying what to change when ``meta`` does not fit this problem."""
+        if not isinstance(meta, dict):
+            raise ValueError(f"meta must be a dict of named metaparameters, got {type(meta).__name__}.")
+        specs = self.meta_specs()
+        if set(meta) != set(specs):
+            raise ValueError(
+                f"meta has parts {sorted(meta)} but the problem declares {sorted(specs)}: "
+                "build it with problem.init_meta()."
+            )
+        for name, spec in specs.items():
+            want = spec.expected_shape(self)
+            got = tuple(np.shape(meta[name]))
+            if got != want:
+                raise ValueError(
+                    f"meta[{name!r}] has shape {got} but this problem needs {want} "
+                    f"({self._shape_reason(name)}): build it with problem.init_meta()."
+                )
+
+    def _shape_reason(self, name):
+        return {
+            "lr_schedule": f"one value per knot, num_knots={self.lr_schedule.num_knots if self.lr_schedule else 0}",
+            "data_weights": f"one weight per training example, {self.data.num_train} of them",
+            "poison": "one perturbation per poisoned example, shaped like an input",
+        }[name]
+
+    def project_meta(self, meta) -> dict:
+        """Map metaparameters back to their feasible sets."""
+        out = dict(meta)
+        if "lr_schedule" in meta:
+            out["lr_schedule"] = self.lr_schedule.project(meta["lr_schedule"])
+        if "data_weights" in meta:
+            out["data_weights"] = self.data_weights.project(meta["data_weights"])
+        if "poison" in meta:
+            clean = jnp.asarray(self.data.x_train[list(self.poison.indices)])
+            out["poison"] = self.poison.project(meta["poison"], clean, self.data.input_range)
+        return out
+
+    def learning_rates(self, meta):
+        """The learning rate of every step under ``meta``."""
+        return self.lr_schedule.values(meta["lr_schedule"], self.num_steps)
+
+    # ------------------------------------------------------------------ the run
+    def _key(self):
+        return jax.random.key(self.seed)
+
+    def init_state(self) -> dict:
+        """``state_0``: parameters initialized from ``seed`` and the optimizer state."""
+        cached = self.__dict__.get("_state0")
+        if cached is not None:
+            return cached
+        x = jnp.asarray(self.data.x_train[:1])
+        variables = self.model.init(jax.random.fold_in(self._key(), 0), x)
+        cast = lambda a: a.astype(self.param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+        params = jax.tree.map(cast, variables["params"])
+        state0 = {"params": params, "opt_state": self.optimizer.init(params)}
+        object.__setattr__(self, "_state0", state0)
+        return state0
+
+    def logits(self, params, x, *, train: bool = False, rng=None):
+        kwargs = {"train": train} if self._train_flag else {}
+        rngs = {"dropout": rng} if (train and rng is not None) else None
+        return self.model.apply({"params": params}, x, rngs=rngs, **kwargs)
+
+    def training_batch(self, meta, t):
+        """``(x, y, weights)`` of the batch of step ``t``, with poison and data weights applied."""
+        idx = batch_indices(jax.random.fold_in(self._key(), 1), t, self.data.num_train, self.batch_size)
+        x = jnp.asarray(self.data.x_train)[idx]
+        y = jnp.asarray(self.data.y_train)[idx]
+        if self.poison is not None:
+            slot = jnp.asarray(self._poison_slots)[idx]
+            delta = meta["poison"][jnp.maximum(slot, 0)]
+            mask = (slot >= 0).reshape((-1,) + (1,) * (x.ndim - 1))
+            x = x + jnp.where(mask, delta, jnp.zeros_like(delta))
+        weights = meta["data_weights"][idx] if self.data_weights is not None else jnp.ones((self.batch_size,), x.dtype)
+        return x, y, weights
+
+    def step(self, state, meta, t):
+        """One optimizer step on the batch of step ``t`` (pure; REPLAY's ``step``)."""
+        params, opt_state = state["params"], state["opt_state"]
+        x, y, weights = self.training_batch(meta, t)
+        rng = jax.random.fold_in(jax.random.fold_in(self._key(), 2), t)
+
+        def loss_fn(p):
+            losses = optax.softmax_cross_entropy_with_integer_labels(self.logits(p, x, train=True, rng=rng), y)
+            return jnp.mean(weights * losses)
+
+        grads = jax.grad(loss_fn)(params)
+        if self.lr_schedule is not None:
+            old = opt_state.hyperparams["learning_rate"]
+            lr = self.lr_schedule.value_at(meta["lr_schedule"], t, self.num_steps).astype(jnp.result_type(old))
+            opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+
+    def loss_and_accuracy(self, params, split: str = "val"):
+        x, y = self.data.split(split)
+        logits = self.logits(params, jnp.asarray(x))
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)))
+        return loss, jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y))
+
+    def objective(self, state, meta):
+        """The metaobjective: mean loss on ``objective_split`` of the final parameters (negated if ``maximize``)."""
+        loss, _ = self.loss_and_accuracy(state["params"], self.objective_split)
+        return -loss if self.maximize else loss
+
+    # -------------------------------------------------------------- conveniences
+    def train(self, meta, num_steps: int | None = None):
+        """The final state after ``num_steps`` (default ``T``) steps: one compiled call."""
+        return replay.compiled.advance(self.step, self.init_state(), meta, 0, num_steps or self.num_steps)
+
+    def evaluate(self, meta) -> dict:
+        """Train under ``meta`` and report loss and accuracy on every split."""
+        params = self.train(meta)["params"]
+        out = {}
+        for split in ("train", "val", "test"):
+            loss, acc = self.loss_and_accuracy(params, split)
+            out[f"{split}_loss"], out[f"{split}_accuracy"] = float(loss), float(acc)
+        return out
+
+    def value_and_metagrad(self, meta, **kwargs):
+        """``replay.value_and_metagrad`` of this problem's run (kwargs: ``k``, ``strategy``, ...)."""
+        self.check_meta(meta)
+        return replay.value_and_metagrad(self.step, self.objective, self.init_state(), meta, self.num_steps, **kwargs)

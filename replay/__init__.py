@@ -1,0 +1,27 @@
+"""REPLAY: exact metagradients through whole training runs.
+
+A training run is ``state_{t+1} = step(state_t, meta, t)``; :func:`value_and_metagrad`
+returns ``objective(state_T, meta)`` and its exact gradient with respect to ``meta``
+(and optionally ``state_0``), storing only O(k log_k T) states (Engstrom et al.,
+"Optimizing ML Training with Metagradient Descent", arXiv 2503.13751).
+This package knows nothing about models or data.
+"""
+
+from .api import check_objective, check_step, value_and_metagrad
+from .errors import (
+    DivergenceError,
+    MemoryBudgetError,
+    NonFiniteMetagradError,
+    ReplayError,
+    StepSignatureError,
+)
+from .plan import Advance, Backprop, Free, Objective, PlanStats, kary_plan, live_state_bound, simulate, tree_depth
+from .strategies import FullUnroll, Remat, Replay, Strategy, choose_k, execute
+from .trees import tree_bytes
+
+__all__ = [
+    "Advance", "Backprop", "DivergenceError", "Free", "FullUnroll", "MemoryBudgetError",
+    "NonFiniteMetagradError", "Objective", "PlanStats", "Remat", "Replay", "ReplayError",
+    "StepSignatureError", "Strategy", "check_objective", "check_step", "choose_k", "execute",
+    "kary_plan", "live_state_bound", "simulate", "tree_bytes", "tree_depth", "value_and_metagrad",
+]

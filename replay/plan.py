@@ -1,0 +1,176 @@
+"""Checkpointing plans: which states to store, recompute and free, in plain Python.
+
+A plan is a sequence of operations over integer step indices. Executing it with
+compiled pieces (see :mod:`replay.engine`) yields the reverse-mode metagradient of
+a training run ``state_{t+1} = step(state_t, meta, t)``, ``t = 0 .. T-1``.
+
+Operations (each a small tuple):
+
+* ``Advance(src, dst)``: recompute ``state_dst`` from the stored ``state_src`` and
+  store it (``dst - src`` forward steps).
+* ``Objective(t)``: evaluate the metaobjective on the stored ``state_t`` (``t == T``)
+  and seed the reverse pass with its cotangent.
+* ``Backprop(start, stop)``: a *leaf*: from the stored ``state_start`` recompute the
+  states ``start .. stop-1``, then pull the running cotangent back through steps
+  ``stop-1, ..., start`` (in that order).  The leaf keeps ``stop - start`` states
+  alive while it runs.
+* ``Free(t)``: drop the stored ``state_t``.
+
+:func:`kary_plan` is the lazy k-ary tree of REPLAY (Engstrom, Ilyas, Chen, Feldmann,
+Moses, Madry, "Optimizing ML Training with Metagradient Descent", arXiv 2503.13751,
+Sec. 3): one forward pass keeps ``k`` evenly spaced states; the reverse traversal
+splits the last unprocessed segment into ``k`` children, recomputes their starting
+states from the parent's, and recurses into them from the last to the first.  At
+most ``1 + (k - 1) * depth + leaf_size`` states are alive, with
+``depth = ceil(log_k(T / leaf_size))``, and about ``T * depth * (k - 1) / k``
+steps are recomputed on top of the first forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, NamedTuple, Union
+
+
+class Advance(NamedTuple):
+    src: int
+    dst: int
+
+
+class Objective(NamedTuple):
+    t: int
+
+
+class Backprop(NamedTuple):
+    start: int
+    stop: int
+
+
+class Free(NamedTuple):
+    t: int
+
+
+Op = Union[Advance, Objective, Backprop, Free]
+
+
+def _check(num_steps: int, k: int, leaf_size: int) -> None:
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}: a run needs at least one step.")
+    if not isinstance(k, int) or k < 2:
+        raise ValueError(f"k must be an integer >= 2, got {k!r}: REPLAY splits each segment into k children (use k=2 for the least memory).")
+    if not isinstance(leaf_size, int) or leaf_size < 1:
+        raise ValueError(f"leaf_size must be an integer >= 1, got {leaf_size!r}.")
+
+
+def split_points(start: int, stop: int, parts: int) -> list[int]:
+    """Boundaries ``start = c_0 < c_1 < ... < c_m = stop`` of ``m = min(parts, stop - start)`` near-equal chunks."""
+    n = stop - start
+    m = min(parts, n)
+    return [start + (j * n) // m for j in range(m + 1)]
+
+
+def kary_plan(num_steps: int, k: int, leaf_size: int = 1) -> Iterator[Op]:
+    """Yield REPLAY's lazy k-ary traversal for a run of ``num_steps`` steps.
+
+    ``state_0`` is assumed stored before the plan starts and is never freed by it.
+    Segments of at most ``leaf_size`` steps are handled by one ``Backprop`` leaf.
+    """
+    _check(num_steps, k, leaf_size)
+    # First forward pass: keep the k evenly spaced top-level states, reach T.
+    top = split_points(0, num_steps, k)
+    for src, dst in zip(top[:-1], top[1:]):
+        yield Advance(src, dst)
+    yield Objective(num_steps)
+    yield Free(num_steps)
+    yield from _reverse_children(top, k, leaf_size)
+
+
+def _reverse_children(bounds: list[int], k: int, leaf_size: int) -> Iterator[Op]:
+    # bounds[j] are stored for j < len(bounds) - 1; process chunks last to first.
+    for j in range(len(bounds) - 2, -1, -1):
+        yield from _segment(bounds[j], bounds[j + 1], k, leaf_size)
+        if j > 0:
+            yield Free(bounds[j])
+
+
+def _segment(start: int, stop: int, k: int, leaf_size: int) -> Iterator[Op]:
+    """Reverse through ``[start, stop)`` given the stored ``state_start`` (left stored)."""
+    if stop - start <= leaf_size:
+        yield Backprop(start, stop)
+        return
+    bounds = split_points(start, stop, k)
+    for src, dst in zip(bounds[:-2], bounds[1:-1]):
+        yield Advance(src, dst)
+    yield from _reverse_children(bounds, k, leaf_size)
+
+
+def tree_depth(num_steps: int, k: int, leaf_size: int = 1) -> int:
+    """Number of splitting levels before every segment has at most ``leaf_size`` steps."""
+    _check(num_steps, k, leaf_size)
+    depth, longest = 0, num_steps
+    while longest > leaf_size:
+        longest = math.ceil(longest / k)
+        depth += 1
+    return depth
+
+
+def live_state_bound(num_steps: int, k: int, leaf_size: int = 1) -> int:
+    """Upper bound on states alive at once under :func:`kary_plan`, ``state_0`` included."""
+    depth = tree_depth(num_steps, k, leaf_size)
+    # state_0, k - 1 children per level, the leaf's own states (or state_T at the top).
+    return 1 + (k - 1) * max(depth, 1) + max(leaf_size, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanStats:
+    """What a plan costs: steps recomputed forward, step VJPs, peak live states."""
+
+    forward_steps: int  # steps advanced by Advance ops (the first forward pass included)
+    leaf_steps: int  # steps recomputed inside leaves (equal to the VJPs taken)
+    peak_live_states: int
+    num_ops: int
+
+    @property
+    def total_step_evaluations(self) -> int:
+        return self.forward_steps + self.leaf_steps
+
+
+def simulate(plan, num_steps: int) -> tuple[PlanStats, list[int]]:
+    """Run a plan symbolically; check it is valid; return its cost and the VJP order.
+
+    Raises ``AssertionError`` when an op reads a state that is not stored, a VJP is
+    taken out of order, or a state is stored twice.
+    """
+    stored = {0}
+    vjp_order: list[int] = []
+    seeded = False
+    forward = leaf = ops = 0
+    peak = 1
+    for op in plan:
+        ops += 1
+        if isinstance(op, Advance):
+            assert op.src in stored, f"{op}: state {op.src} is not stored"
+            assert op.dst not in stored, f"{op}: state {op.dst} is already stored"
+            assert op.src < op.dst <= num_steps, op
+            forward += op.dst - op.src
+            stored.add(op.dst)
+            peak = max(peak, len(stored))
+        elif isinstance(op, Objective):
+            assert op.t == num_steps and op.t in stored and not seeded, op
+            seeded = True
+        elif isinstance(op, Backprop):
+            assert seeded, f"{op} before the objective seeded the reverse pass"
+            assert op.start in stored, f"{op}: state {op.start} is not stored"
+            expected_stop = vjp_order[-1] if vjp_order else num_steps
+            assert op.stop == expected_stop, f"{op}: the reverse pass is at step {expected_stop}"
+            leaf += op.stop - op.start
+            # The leaf holds states start+1 .. stop-1 on top of the stored ones.
+            peak = max(peak, len(stored) + (op.stop - op.start - 1))
+            vjp_order.extend(range(op.stop - 1, op.start - 1, -1))
+        elif isinstance(op, Free):
+            assert op.t in stored and op.t != 0, f"{op}: cannot free"
+            stored.remove(op.t)
+        else:
+            raise AssertionError(f"unknown op {op!r}")
+    return PlanStats(forward, leaf, peak, ops), vjp_order
