@@ -136,8 +136,22 @@ class PlanStats:
         return self.forward_steps + self.leaf_steps
 
 
-def simulate(plan, num_steps: int) -> tuple[PlanStats, list[int]]:
+def leaf_buffer_states(op: Backprop, leaf_size: int | None) -> int:
+    """States a leaf holds on top of the stored ones while it runs.
+
+    The compiled leaf stacks a buffer of ``leaf_size`` states (padded), except for
+    ``leaf_size == 1`` which uses the stored state directly; with ``leaf_size=None``
+    only the states the leaf really needs (``stop - start - 1``) are counted.
+    """
+    if leaf_size is None:
+        return op.stop - op.start - 1
+    return 0 if leaf_size == 1 else leaf_size
+
+
+def simulate(plan, num_steps: int, leaf_size: int | None = None) -> tuple[PlanStats, list[int]]:
     """Run a plan symbolically; check it is valid; return its cost and the VJP order.
+
+    ``leaf_size`` counts each leaf's stacked buffer as the compiled executor holds it.
 
     Raises ``AssertionError`` when an op reads a state that is not stored, a VJP is
     taken out of order, or a state is stored twice.
@@ -165,8 +179,7 @@ def simulate(plan, num_steps: int) -> tuple[PlanStats, list[int]]:
             expected_stop = vjp_order[-1] if vjp_order else num_steps
             assert op.stop == expected_stop, f"{op}: the reverse pass is at step {expected_stop}"
             leaf += op.stop - op.start
-            # The leaf holds states start+1 .. stop-1 on top of the stored ones.
-            peak = max(peak, len(stored) + (op.stop - op.start - 1))
+            peak = max(peak, len(stored) + leaf_buffer_states(op, leaf_size))
             vjp_order.extend(range(op.stop - 1, op.start - 1, -1))
         elif isinstance(op, Free):
             assert op.t in stored and op.t != 0, f"{op}: cannot free"

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from . import compiled
 from .errors import MemoryBudgetError
-from .plan import Advance, Backprop, Free, Objective, kary_plan, live_state_bound, tree_depth
+from .plan import Advance, Backprop, Free, Objective, kary_plan, leaf_buffer_states, live_state_bound, tree_depth
 from .trees import nonfinite_paths, tree_bytes
 
 logger = logging.getLogger("replay")
@@ -126,8 +126,11 @@ class Replay(Strategy):
         return execute(plan, leaf, step, objective, state0, meta, num_steps)
 
 
-def execute(plan, leaf_size, step, objective, state0, meta, num_steps, *, check_each_leaf=False):
+def execute(plan, leaf_size, step, objective, state0, meta, num_steps, *, check_each_leaf=False, monitor=None):
     """Run a checkpoint plan with the compiled pieces; return ``(value, grad_meta, grad_state0)``.
+
+    ``monitor(op, live_states)``, when given, is called after every op with the
+    number of states held at that moment (stored ones plus a running leaf's buffer).
 
     With ``check_each_leaf`` the cotangent is checked after every leaf and a
     :class:`~replay.errors.NonFiniteMetagradError` names the first (latest) steps
@@ -161,4 +164,7 @@ def execute(plan, leaf_size, step, objective, state0, meta, num_steps, *, check_
             value, ct_state, ct_meta = compiled.objective_vjp(objective, states[op.t], meta)
         else:  # pragma: no cover - plans are built by this package
             raise TypeError(f"unknown plan op {op!r}")
+        if monitor is not None:
+            extra = leaf_buffer_states(op, leaf_size) if isinstance(op, Backprop) else 0
+            monitor(op, len(states) + extra)
     return value, ct_meta, ct_state

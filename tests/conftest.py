@@ -1,0 +1,72 @@
+"""Shared tiny problems (kept small: the suite runs on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metagrad as mg
+
+
+def tiny_dataset(dtype=np.float32, n_train=32, features=6, classes=3, seed=0) -> mg.Dataset:
+    rng = np.random.default_rng(seed)
+    n = n_train + 32
+    x = rng.normal(size=(n, features)).astype(dtype)
+    y = rng.integers(0, classes, n).astype(np.int32)
+    return mg.Dataset(x[:n_train], y[:n_train], x[n_train:n_train + 16], y[n_train:n_train + 16],
+                      x[n_train + 16:], y[n_train + 16:], num_classes=classes, name="tiny")
+
+
+OPTIMIZERS = {
+    "momentum_sgd": lambda: optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9),
+    "adamw": lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=0.02, weight_decay=1e-2),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_problem(optimizer: str, dtype: str, num_steps: int, dropout: float = 0.0, knots: int = 5) -> mg.TrainingProblem:
+    """A problem with all three metaparameter kinds at once. Build float64 ones under ``jax.enable_x64``."""
+    np_dtype = {"float64": np.float64, "float32": np.float32}[dtype]
+    return mg.TrainingProblem(
+        mg.MLP(hidden=(8,), num_classes=3, dropout_rate=dropout),
+        OPTIMIZERS[optimizer](),
+        tiny_dataset(np_dtype),
+        num_steps=num_steps,
+        batch_size=8,
+        lr_schedule=mg.LRSchedule(knots, 0.05),
+        data_weights=mg.DataWeights(),
+        poison=mg.Poison((1, 3, 5), eps=0.3),
+        param_dtype=jnp.dtype(dtype),
+    )
+
+
+def perturbed_meta(problem: mg.TrainingProblem, seed: int = 0):
+    """Metaparameters away from their initial values so that every part's gradient is generic."""
+    rng = np.random.default_rng(seed)
+    meta = problem.init_meta()
+    dtype = meta["poison"].dtype
+    meta["poison"] = meta["poison"] + jnp.asarray(0.05 * rng.normal(size=meta["poison"].shape), dtype)
+    meta["data_weights"] = meta["data_weights"] * jnp.asarray(rng.uniform(0.5, 1.0, meta["data_weights"].shape), dtype)
+    meta["lr_schedule"] = meta["lr_schedule"] * jnp.asarray(rng.uniform(0.5, 1.5, meta["lr_schedule"].shape), dtype)
+    return meta
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def max_relative_error(a, b) -> float:
+    """Largest ``|a - b| / max|a|`` over the leaves of two pytrees."""
+    errs = []
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        scale = max(np.max(np.abs(x)), 1e-30)
+        errs.append(np.max(np.abs(x - y)) / scale)
+    return max(errs)

@@ -1,0 +1,93 @@
+"""Metagradient descent: improves the objective, resumes after a kill, survives a torn checkpoint."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import optax
+import pytest
+
+import replay
+from conftest import tiny_problem
+from metagrad.mgd import mgd
+
+
+def _lr_only_problem():
+    return tiny_problem("momentum_sgd", "float32", 40)
+
+
+def _vg(problem):
+    return lambda meta: problem.value_and_metagrad(meta, k=3)
+
+
+def test_mgd_lowers_the_metaobjective():
+    problem = _lr_only_problem()
+    meta0 = problem.init_meta()
+    result = mgd(_vg(problem), meta0, optimizer=optax.adam(0.02), num_meta_steps=6,
+                 project=problem.project_meta, progress=False)
+    values = [h["objective"] for h in result.history]
+    assert len(values) == 6 and all(h["metagrad_norm"] > 0 for h in result.history)
+    assert result.best_value < values[0]
+    assert {"meta_step", "objective", "metagrad_norm", "seconds"} <= set(result.history[0])
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_where_it_stopped(tmp_path):
+    problem = _lr_only_problem()
+    meta0 = problem.init_meta()
+    kwargs = dict(optimizer=optax.adam(0.02), num_meta_steps=5, project=problem.project_meta, progress=False)
+    uninterrupted = mgd(_vg(problem), meta0, **kwargs)
+
+    def kill_after_two(i, meta, record):
+        if i == 1:
+            raise _Killed
+
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(_Killed):
+        mgd(_vg(problem), meta0, checkpoint_dir=ckpt, callback=kill_after_two, **kwargs)
+    resumed = mgd(_vg(problem), meta0, checkpoint_dir=ckpt, **kwargs)
+    assert resumed.resumed_from == 2
+    assert [h["meta_step"] for h in resumed.history] == list(range(5))
+    for name in meta0:
+        np.testing.assert_allclose(resumed.meta[name], uninterrupted.meta[name], rtol=1e-6)
+    # a finished run restarted does nothing more
+    again = mgd(_vg(problem), meta0, checkpoint_dir=ckpt, **kwargs)
+    assert again.resumed_from == 5 and len(again.history) == 5
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    problem = _lr_only_problem()
+    meta0 = problem.init_meta()
+    ckpt = tmp_path / "ckpt"
+    kwargs = dict(optimizer=optax.adam(0.02), project=problem.project_meta, progress=False, checkpoint_dir=str(ckpt))
+    mgd(_vg(problem), meta0, num_meta_steps=3, **kwargs)
+    latest = ckpt / "3"
+    assert latest.is_dir()
+    for root, _, files in os.walk(latest / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    resumed = mgd(_vg(problem), meta0, num_meta_steps=4, **kwargs)
+    assert resumed.resumed_from == 2 and len(resumed.history) == 4
+
+
+def test_nonfinite_metagradient_stops_with_the_meta_step_named(tmp_path):
+    problem = _lr_only_problem()
+
+    def poisoned_gradient(meta):
+        value, grad = problem.value_and_metagrad(meta, k=3)
+        if float(meta["lr_schedule"][0]) != float(problem.init_meta()["lr_schedule"][0]):
+            grad = dict(grad, lr_schedule=grad["lr_schedule"] * np.nan)
+        return value, grad
+
+    with pytest.raises(replay.NonFiniteMetagradError, match=r"meta-step 1: .*saved in"):
+        mgd(poisoned_gradient, problem.init_meta(), optimizer=optax.adam(0.02), num_meta_steps=4,
+            project=problem.project_meta, progress=False, checkpoint_dir=str(tmp_path / "c"))
+    # the finished meta-step is on disk
+    assert (tmp_path / "c" / "1").is_dir()
