@@ -141,3 +141,21 @@ def test_generic_pytrees_with_integer_meta_leaves(x64):
     diff = {name: g[name] for name in ("lr", "beta", "target")}
     assert max_relative_error({n: g_ref[n] for n in diff}, diff) < 1e-12
     assert float(v) == pytest.approx(float(v_ref), rel=1e-14)
+
+
+def test_cnn_model_exact(x64):
+    """The 1-D CNN (conv, average pooling) through REPLAY equals the full unroll."""
+    import optax
+
+    import metagrad as mg
+    from conftest import tiny_dataset
+
+    data = tiny_dataset(np.float64, features=8)
+    problem = mg.TrainingProblem(mg.CNN1D(channels=(3,), kernel_size=3, num_classes=3),
+                                 optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9), data,
+                                 num_steps=9, batch_size=8, lr_schedule=mg.LRSchedule(3, 0.1),
+                                 data_weights=mg.DataWeights(), param_dtype=jnp.float64)
+    meta = problem.init_meta()
+    _, grad_ref = _reference(problem, meta)
+    _, grad = problem.value_and_metagrad(meta, k=2)
+    assert max_relative_error(grad_ref, grad) < 1e-10
