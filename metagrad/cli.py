@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 
@@ -17,6 +18,46 @@ def _demo(args) -> int:
     config = dataclasses.replace(config, **overrides)
     report = run_demo(args.out, config, progress=not args.no_progress, resume=not args.fresh)
     return 0 if report["final"]["val_loss"] <= report["initial"]["val_loss"] else 1
+
+
+def _load_dataset(spec: str):
+    from . import data as data_lib
+
+    if spec == "mnist1d":
+        return data_lib.mnist1d()
+    if spec.endswith(".npz"):
+        import numpy as np
+
+        arrays = np.load(spec)
+        missing = {"x", "y"} - set(arrays.files)
+        if missing:
+            raise SystemExit(f"{spec} must hold arrays 'x' and 'y' (integer labels); missing {sorted(missing)}.")
+        return data_lib.from_arrays(arrays["x"].astype("float32"), arrays["y"].astype("int32"), name=spec)
+    if spec.startswith("tfds:"):
+        return data_lib.from_tfds(spec[len("tfds:"):])
+    raise SystemExit(f"unknown dataset {spec!r}: use 'mnist1d', a .npz file with arrays x and y, or 'tfds:NAME'.")
+
+
+def _audit_poison(args) -> int:
+    import optax
+
+    from .apps import poisoning
+    from .models import MLP
+    from .training import TrainingProblem
+
+    dataset = _load_dataset(args.data)
+    base = TrainingProblem(MLP(hidden=tuple(args.hidden), num_classes=dataset.num_classes),
+                           optax.sgd(args.lr, momentum=0.9), dataset, num_steps=args.num_steps,
+                           batch_size=min(args.batch_size, dataset.num_train), lr_schedule=None)
+    report = poisoning.audit(base, fraction=args.fraction, eps=args.eps, meta_steps=args.meta_steps,
+                             attack_seeds=tuple(range(args.attack_seeds)),
+                             eval_seeds=tuple(range(1000, 1000 + args.eval_seeds)),
+                             checkpoint_dir=os.path.join(args.out, "mgd_checkpoints"), progress=not args.no_progress)
+    report["dataset"] = args.data
+    poisoning.write_audit_report(report, args.out)
+    print(poisoning.audit_table(report))
+    print(f"wrote {os.path.join(args.out, 'report.json')} and {os.path.join(args.out, 'poisoning.png')}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -32,6 +73,21 @@ def main(argv=None) -> int:
     demo.add_argument("--fresh", action="store_true", help="ignore checkpoints of an earlier run in --out")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
+
+    audit = sub.add_parser("audit-poison", help="how far can poisoning a few training inputs lower test accuracy? (MGD)")
+    audit.add_argument("--data", default="mnist1d", help="'mnist1d', a .npz with arrays x and y, or 'tfds:NAME'")
+    audit.add_argument("--out", default="poison_audit")
+    audit.add_argument("--fraction", type=float, default=0.025, help="fraction of training inputs perturbed")
+    audit.add_argument("--eps", type=float, default=2.0, help="L-inf bound of each perturbation")
+    audit.add_argument("--meta-steps", type=int, default=40)
+    audit.add_argument("--attack-seeds", type=int, default=4, help="training seeds the attack averages over")
+    audit.add_argument("--eval-seeds", type=int, default=3, help="fresh training seeds for the evaluation")
+    audit.add_argument("--num-steps", type=int, default=500)
+    audit.add_argument("--batch-size", type=int, default=128)
+    audit.add_argument("--lr", type=float, default=0.03)
+    audit.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
+    audit.add_argument("--no-progress", action="store_true")
+    audit.set_defaults(func=_audit_poison)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     for noisy in ("absl", "jax._src.xla_bridge"):

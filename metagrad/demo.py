@@ -16,6 +16,7 @@ from . import data as data_lib
 from .meta import LRSchedule
 from .mgd import mgd
 from .models import MLP
+from .report import format_table, pyplot
 from .training import TrainingProblem
 
 logger = logging.getLogger("metagrad")
@@ -79,29 +80,19 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), *, progress: bool 
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(report, f, indent=2)
     plot_demo(report, problem, os.path.join(out_dir, "demo.png"))
-    print(format_table(report))
+    print(format_demo_table(report))
     print(f"wrote {os.path.join(out_dir, 'result.json')} and {os.path.join(out_dir, 'demo.png')}")
     return report
 
 
-def format_table(report: dict) -> str:
-    rows = [("", "val loss", "val acc", "test loss", "test acc")]
-    for name in ("initial", "final"):
-        r = report[name]
-        rows.append((f"{name} schedule", f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.3f}",
-                     f"{r['test_loss']:.4f}", f"{r['test_accuracy']:.3f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+def format_demo_table(report: dict) -> str:
+    rows = [(f"{name} schedule", r["val_loss"], f"{r['val_accuracy']:.3f}", r["test_loss"], f"{r['test_accuracy']:.3f}")
+            for name, r in ((n, report[n]) for n in ("initial", "final"))]
+    return format_table(("", "val loss", "val acc", "test loss", "test acc"), rows)
 
 
 def plot_demo(report: dict, problem: TrainingProblem, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = np.arange(problem.num_steps)
     for name, key in (("initial", "initial_schedule"), ("learned", "learned_schedule")):

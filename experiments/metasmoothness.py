@@ -1,0 +1,90 @@
+"""How training choices change metasmoothness on MNIST-1D (the diagnostic of arXiv 2503.13751, Sec. 4).
+
+    python experiments/metasmoothness.py [--quick] [--out experiments/results/metasmoothness]
+
+Metaparameters: one weight per training example (all 1). For each training
+setup: the curvature and empirical metasmoothness along 3 random unit directions
+(step h), how well the metagradient predicts the objective's change along itself,
+and the test accuracy of the setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+import numpy as np
+import optax
+
+import metagrad as mg
+import replay
+from metagrad.apps import metasmoothness as app
+from metagrad.report import format_table, pyplot, write_json
+
+
+def setups(hidden, quick):
+    sgd = lambda lr: optax.sgd(lr, momentum=0.9)  # noqa: E731
+    mlp = mg.MLP(hidden=hidden)
+    out = {
+        "default (MLP, SGD 0.03, batch 128)": dict(model=mlp, optimizer=sgd(0.03)),
+        "LayerNorm before activation": dict(model=dataclasses.replace(mlp, normalize=True), optimizer=sgd(0.03)),
+        "logits scaled by 0.25": dict(model=dataclasses.replace(mlp, logit_scale=0.25), optimizer=sgd(0.03)),
+        "width x4": dict(model=mg.MLP(hidden=tuple(4 * w for w in hidden)), optimizer=sgd(0.03)),
+        "batch 32": dict(model=mlp, optimizer=sgd(0.03), batch_size=32),
+        "batch 512": dict(model=mlp, optimizer=sgd(0.03), batch_size=512),
+        "LR 0.01": dict(model=mlp, optimizer=sgd(0.01)),
+        "LR 0.1": dict(model=mlp, optimizer=sgd(0.1)),
+        "Adam 1e-3, eps_root 0": dict(model=mlp, optimizer=optax.adam(1e-3, eps_root=0.0)),
+        "Adam 1e-3, eps_root 1e-8": dict(model=mlp, optimizer=optax.adam(1e-3, eps_root=1e-8)),
+    }
+    if not quick:
+        cnn = mg.CNN1D(channels=(8, 8))
+        out["CNN, average pooling"] = dict(model=cnn, optimizer=sgd(0.03))
+        out["CNN, max pooling"] = dict(model=dataclasses.replace(cnn, pooling="max"), optimizer=sgd(0.03))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "metasmoothness"))
+    parser.add_argument("--h", type=float, default=1.0)
+    args = parser.parse_args()
+    num_steps, hidden, directions = (300, (64, 64), 3) if not args.quick else (60, (16,), 1)
+    data = mg.mnist1d()
+    rows, results = [], {}
+    for name, kwargs in setups(hidden, args.quick).items():
+        problem = mg.TrainingProblem(data=data, num_steps=num_steps, lr_schedule=None,
+                                     data_weights=mg.DataWeights(upper=2.0), **kwargs)
+        meta = problem.init_meta()
+        diag = [app.metasmoothness(problem, meta, app.random_direction(meta, seed), args.h) for seed in range(directions)]
+        try:
+            pred = app.gradient_prediction(problem, meta, [0.5, 2.0])
+            ratio = pred[0]["ratio"]
+        except replay.NonFiniteMetagradError as err:
+            pred, ratio = str(err), float("nan")
+        acc = problem.evaluate(meta)["test_accuracy"]
+        results[name] = {"diagnostics": diag, "gradient_prediction": pred, "test_accuracy": acc}
+        smooth = float(np.mean([d["metasmoothness"] for d in diag]))
+        curv = float(np.mean([d["curvature"] for d in diag]))
+        rows.append((name, f"{smooth:.3f}", f"{curv:.2e}", "non-finite" if np.isnan(ratio) else f"{ratio:.2f}", f"{acc:.3f}"))
+        print(f"  {name}: metasmoothness {smooth:.3f}, accuracy {acc:.3f}", flush=True)
+    table = format_table(("training setup", "metasmoothness", "curvature", "actual/predicted", "test acc"), rows)
+    print(table)
+    write_json(os.path.join(args.out, "result.json"), {"num_steps": num_steps, "h": args.h, "directions": directions,
+                                                        "setups": results, "table": table})
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (name, smooth, _, _, acc) in rows:
+        ax.scatter(float(smooth), float(acc))
+        ax.annotate(name, (float(smooth), float(acc)), fontsize=7)
+    ax.set(xlabel="empirical metasmoothness (higher is smoother)", ylabel="test accuracy",
+           title="Metasmoothness vs accuracy of training setups")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "metasmoothness.png"), dpi=120)
+    print(f"wrote {args.out}/result.json and metasmoothness.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The MGD applications in reduced size: each shows its direction of effect."""
+
+import functools
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metagrad as mg
+from metagrad.apps import data_selection, lr_schedule, metasmoothness, poisoning
+
+
+@functools.lru_cache(maxsize=None)
+def small_mnist1d():
+    """MNIST-1D cut to 600 training / 300 validation / 300 test examples (generated offline)."""
+    d = mg.mnist1d()
+    return mg.Dataset(d.x_train[:600], d.y_train[:600], d.x_val[:300], d.y_val[:300], d.x_test[:300], d.y_test[:300],
+                      num_classes=10, name="mnist1d-small")
+
+
+def test_schedule_families_and_grid():
+    grid = lr_schedule.default_grid()
+    assert len(grid) >= 24 and {g["family"] for g in grid} == {"constant", "linear", "cosine"}
+    for family in ("constant", "linear", "cosine"):
+        lrs = lr_schedule.schedule(family, 0.1, 0.2, 50)
+        assert lrs.shape == (50,) and lrs.max() == pytest.approx(0.1) and lrs.min() >= 0
+    cos = lr_schedule.schedule("cosine", 0.1, 0.2, 50)
+    assert cos[9] == pytest.approx(0.1) and cos[-1] < 0.01 and np.all(np.diff(cos[10:]) <= 1e-12)
+    with pytest.raises(ValueError, match="unknown schedule family"):
+        lr_schedule.schedule("step", 0.1, 0.1, 10)
+
+
+def test_lr_schedule_mgd_beats_its_flat_start_and_grid_is_scored_the_same_way():
+    problem = mg.TrainingProblem(mg.MLP(hidden=(16,)), optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.9),
+                                 small_mnist1d(), num_steps=60, batch_size=64, lr_schedule=mg.LRSchedule(10, 0.002))
+    result = lr_schedule.optimize_lr_schedule(problem, meta_steps=5, meta_optimizer=optax.adam(0.02), progress=False)
+    assert result["final"]["val_loss"] < result["initial"]["val_loss"] - 0.05
+    grid = lr_schedule.grid_search(problem, [{"family": "constant", "peak": p, "warmup_fraction": 0} for p in (0.002, 0.05)],
+                                   progress=False)
+    # the per-step grid problem scores a flat 0.002 schedule exactly like the knot problem does
+    flat = [g for g in grid if g["peak"] == 0.002][0]
+    assert flat["val_loss"] == pytest.approx(result["initial"]["val_loss"], rel=1e-5)
+    assert grid[0]["val_loss"] <= grid[1]["val_loss"]
+
+
+def test_data_selection_downweights_flipped_labels():
+    noisy, flipped = data_selection.flip_labels(small_mnist1d(), 0.3, seed=0)
+    assert flipped.mean() == pytest.approx(0.3, abs=0.01)
+    assert np.all(noisy.y_train[flipped] != small_mnist1d().y_train[flipped])
+    problem = mg.TrainingProblem(mg.MLP(hidden=(32,)), optax.sgd(0.05, momentum=0.9), noisy, num_steps=80,
+                                 batch_size=64, lr_schedule=None, data_weights=mg.DataWeights())
+    result = data_selection.optimize_data_weights(problem, meta_steps=4, meta_optimizer=optax.adam(0.1), progress=False)
+    weights = np.asarray(result.best_meta["data_weights"])
+    assert result.best_value < result.history[0]["objective"]
+    assert weights[flipped].mean() < weights[~flipped].mean() - 0.05
+    keep = data_selection.top_weight_indices(weights, 420)
+    removed = np.setdiff1d(np.arange(600), keep)
+    assert flipped[removed].mean() > 0.3  # removes flipped labels at a higher rate than at random
+
+
+def test_poison_raises_validation_loss_more_than_random_noise():
+    data = small_mnist1d()
+    base = mg.TrainingProblem(mg.MLP(hidden=(32,)), optax.sgd(0.05, momentum=0.9), data, num_steps=80,
+                              batch_size=64, lr_schedule=None)
+    spec = mg.Poison.random_subset(data.num_train, 0.05, eps=2.0, seed=0)
+    result = poisoning.optimize_poison(base, spec, meta_steps=6, attack_seeds=(0,), progress=False)
+    delta = np.asarray(result.best_meta["poison"])
+    assert np.abs(delta).max() <= 2.0 + 1e-6
+
+    def val_loss(dataset):
+        problem = mg.TrainingProblem(base.model, base.optimizer, dataset, num_steps=80, batch_size=64, lr_schedule=None)
+        return problem.evaluate(problem.init_meta())["val_loss"]
+
+    clean = val_loss(data)
+    noise = val_loss(poisoning.apply_poison(data, spec, poisoning.random_perturbation(data, spec)))
+    attacked = val_loss(poisoning.apply_poison(data, spec, delta))
+    assert attacked - clean > 2 * abs(noise - clean) and attacked > clean + 0.05
+    with pytest.raises(ValueError, match="fresh seeds"):
+        poisoning.audit(base, attack_seeds=(0,), eval_seeds=(0,))
+
+
+def test_sign_agreement_and_metasmoothness_diagnostic():
+    a = {"w": jnp.asarray([1.0, -2.0, 3.0])}
+    assert metasmoothness.sign_agreement(a, a) == 1.0
+    assert metasmoothness.sign_agreement(a, {"w": -a["w"]}) == -1.0
+    assert -1 < metasmoothness.sign_agreement(a, {"w": jnp.asarray([1.0, 2.0, 3.0])}) < 1
+    problem = mg.TrainingProblem(mg.MLP(hidden=(16,)), optax.sgd(0.05, momentum=0.9), small_mnist1d(), num_steps=40,
+                                 batch_size=64, lr_schedule=None, data_weights=mg.DataWeights(upper=2.0))
+    meta = problem.init_meta()
+    diag = metasmoothness.metasmoothness(problem, meta, metasmoothness.random_direction(meta), 1.0)
+    assert -1 <= diag["metasmoothness"] <= 1 and diag["curvature"] >= 0 and len(diag["objective"]) == 3
+    # the metagradient predicts small changes of the objective to first order
+    small = metasmoothness.gradient_prediction(problem, meta, [0.05])[0]
+    assert small["actual"] < 0 and small["ratio"] == pytest.approx(1.0, abs=0.2)
+
+
+def test_audit_poison_command(tmp_path):
+    from metagrad.cli import main
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 6)).astype(np.float32)
+    np.savez(tmp_path / "toy.npz", x=x, y=(x[:, 0] > 0).astype(np.int32))
+    out = tmp_path / "audit"
+    code = main(["audit-poison", "--data", str(tmp_path / "toy.npz"), "--out", str(out), "--meta-steps", "2",
+                 "--attack-seeds", "1", "--eval-seeds", "2", "--num-steps", "20", "--batch-size", "32",
+                 "--hidden", "8", "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["test_accuracy"]) == {"clean", "random noise", "label flip", "MGD poison"}
+    assert report["setting"]["num_poisoned"] == round(0.025 * 168)
+    assert (out / "poisoning.png").exists()
+    with pytest.raises(SystemExit, match="arrays 'x' and 'y'"):
+        np.savez(tmp_path / "bad.npz", inputs=x)
+        main(["audit-poison", "--data", str(tmp_path / "bad.npz"), "--out", str(out)])
