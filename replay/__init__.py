@@ -15,13 +15,16 @@ from .errors import (
     ReplayError,
     StepSignatureError,
 )
-from .plan import Advance, Backprop, Free, Objective, PlanStats, kary_plan, live_state_bound, simulate, tree_depth
-from .strategies import FullUnroll, Remat, Replay, Strategy, choose_k, execute
+from .plan import (
+    Advance, Backprop, Free, Objective, PlanStats, binomial_plan, kary_plan, live_state_bound, simulate, tree_depth,
+)
+from .storage import Storage, TieredStore
+from .strategies import Binomial, FullUnroll, Remat, Replay, Strategy, choose_k, execute
 from .trees import tree_bytes
 
 __all__ = [
-    "Advance", "Backprop", "DivergenceError", "Free", "FullUnroll", "MemoryBudgetError",
+    "Advance", "Backprop", "Binomial", "DivergenceError", "Free", "FullUnroll", "MemoryBudgetError",
     "NonFiniteMetagradError", "Objective", "PlanStats", "Remat", "Replay", "ReplayError",
-    "StepSignatureError", "Strategy", "check_objective", "check_step", "choose_k", "execute",
+    "StepSignatureError", "Storage", "Strategy", "TieredStore", "binomial_plan", "check_objective", "check_step", "choose_k", "execute",
     "kary_plan", "live_state_bound", "simulate", "tree_bytes", "tree_depth", "value_and_metagrad",
 ]

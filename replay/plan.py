@@ -187,3 +187,51 @@ def simulate(plan, num_steps: int, leaf_size: int | None = None) -> tuple[PlanSt
         else:
             raise AssertionError(f"unknown op {op!r}")
     return PlanStats(forward, leaf, peak, ops), vjp_order
+
+
+def binomial(c: int, r: int) -> int:
+    """``beta(c, r) = C(c + r, c)``: the most blocks ``c`` checkpoints reverse with ``r`` repetitions (Griewank)."""
+    return math.comb(c + r, c)
+
+
+def binomial_plan(num_steps: int, checkpoints: int, leaf_size: int = 1) -> Iterator[Op]:
+    """Yield a binomial (revolve-optimal) checkpointing plan with ``checkpoints`` stored states.
+
+    Griewank, "Achieving logarithmic growth of temporal and spatial complexity in
+    reverse automatic differentiation" (1992); Griewank & Walther, "Algorithm 799:
+    revolve" (ACM TOMS 2000). The run is cut into blocks of ``leaf_size`` steps
+    (each reversed by one ``Backprop`` leaf); with ``c`` checkpoints and ``n``
+    blocks, the first checkpoint goes ``m = max(n - beta(c-1, r), beta(c, r-2))``
+    blocks in (clipped to ``[1, n-1]``), where ``r`` is the least repetition
+    number with ``beta(c, r) >= n``; the part
+    right of it is reversed with ``c - 1`` checkpoints, then the left part with
+    ``c``. This minimizes the recomputed steps for the memory, so at equal
+    memory it recomputes fewer steps than the k-ary tree.
+    At most ``2 + checkpoints + leaf_size`` states are alive (``state_0``,
+    the checkpoints, ``state_T`` or a leaf's buffer).
+    """
+    _check(num_steps, 2, leaf_size)
+    if not isinstance(checkpoints, int) or checkpoints < 1:
+        raise ValueError(f"checkpoints must be an integer >= 1, got {checkpoints!r}.")
+    bounds = list(range(0, num_steps, leaf_size)) + [num_steps]
+    num_blocks = len(bounds) - 1
+
+    def segment(i0: int, i1: int, c: int) -> Iterator[Op]:
+        # The left part is handled by the loop (same c), the right part by recursion (c - 1): depth <= c.
+        while i1 - i0 > 1:
+            n = i1 - i0
+            r = 0
+            while binomial(c, r) < n:
+                r += 1
+            m = min(n - 1, max(1, n - binomial(c - 1, r), binomial(c, r - 2) if r >= 2 else 1))
+            yield Advance(bounds[i0], bounds[i0 + m])
+            yield from segment(i0 + m, i1, c - 1)
+            yield Free(bounds[i0 + m])
+            i1 = i0 + m
+        if i1 == num_blocks:  # the rightmost block: finish the forward pass and seed the reverse pass
+            yield Advance(bounds[i0], num_steps)
+            yield Objective(num_steps)
+            yield Free(num_steps)
+        yield Backprop(bounds[i0], bounds[i1])
+
+    yield from segment(0, num_blocks, min(checkpoints, max(num_blocks - 1, 1)))

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from . import compiled
 from .errors import MemoryBudgetError
-from .plan import Advance, Backprop, Free, Objective, kary_plan, leaf_buffer_states, live_state_bound, tree_depth
+from .plan import Advance, Backprop, Free, Objective, binomial_plan, kary_plan, leaf_buffer_states, live_state_bound, tree_depth
+from .storage import Storage
 from .trees import nonfinite_paths, tree_bytes
 
 logger = logging.getLogger("replay")
@@ -88,11 +89,14 @@ class Replay(Strategy):
         largest whose live-state bound fits (logged at INFO on logger ``replay``).
       leaf_size: segments of at most this many steps are reversed by one compiled
         call (states stacked, then a reverse scan of step VJPs). Defaults to ``k``.
+      storage: where stored states live (:class:`~replay.Storage`: device, host,
+        disk); default all on the device.
     """
 
     k: int | None = None
     memory_budget_bytes: int | None = None
     leaf_size: int | None = None
+    storage: Storage | None = None
 
     def __post_init__(self):
         if self.k is None and self.memory_budget_bytes is None:
@@ -123,10 +127,55 @@ class Replay(Strategy):
 
     def value_and_grads(self, step, objective, state0, meta, num_steps):
         plan, leaf = self.plan(num_steps, state0)
-        return execute(plan, leaf, step, objective, state0, meta, num_steps)
+        return execute(plan, leaf, step, objective, state0, meta, num_steps, storage=self.storage)
 
 
-def execute(plan, leaf_size, step, objective, state0, meta, num_steps, *, check_each_leaf=False, monitor=None):
+@dataclasses.dataclass(frozen=True)
+class Binomial(Strategy):
+    """The binomial (revolve-optimal) checkpoint plan executed by the same engine as :class:`Replay`.
+
+    Griewank & Walther, "Algorithm 799: revolve", ACM TOMS (2000). For the same
+    number of live states it recomputes fewer steps than REPLAY's k-ary tree.
+
+    Args:
+      checkpoints: stored states beyond ``state_0``; or give
+      memory_budget_bytes: from which ``checkpoints = budget // state_bytes - 2 - leaf_size``.
+      leaf_size: steps per compiled leaf (default 8).
+      storage: where stored states live (see :class:`~replay.Storage`).
+    """
+
+    checkpoints: int | None = None
+    memory_budget_bytes: int | None = None
+    leaf_size: int = 8
+    storage: Storage | None = None
+
+    def resolve(self, num_steps: int, state0) -> int:
+        if self.checkpoints is not None:
+            return self.checkpoints
+        if self.memory_budget_bytes is None:
+            raise ValueError("Binomial needs checkpoints=... or memory_budget_bytes=....")
+        state_bytes = tree_bytes(state0)
+        c = self.memory_budget_bytes // max(state_bytes, 1) - 2 - self.leaf_size
+        if c < 1:
+            need = (3 + self.leaf_size) * state_bytes
+            raise MemoryBudgetError(
+                f"a memory budget of {self.memory_budget_bytes:,} bytes leaves no checkpoint for states of "
+                f"{state_bytes:,} bytes with leaf_size={self.leaf_size}: raise it to at least {need:,} "
+                "or lower leaf_size."
+            )
+        logger.info("binomial plan: budget %s bytes -> %d checkpoints", f"{self.memory_budget_bytes:,}", c)
+        return c
+
+    def plan(self, num_steps: int, state0):
+        return binomial_plan(num_steps, self.resolve(num_steps, state0), self.leaf_size), self.leaf_size
+
+    def value_and_grads(self, step, objective, state0, meta, num_steps):
+        plan, leaf = self.plan(num_steps, state0)
+        return execute(plan, leaf, step, objective, state0, meta, num_steps, storage=self.storage)
+
+
+def execute(plan, leaf_size, step, objective, state0, meta, num_steps, *, check_each_leaf=False, monitor=None,
+            storage: Storage | None = None):
     """Run a checkpoint plan with the compiled pieces; return ``(value, grad_meta, grad_state0)``.
 
     ``monitor(op, live_states)``, when given, is called after every op with the
@@ -136,9 +185,17 @@ def execute(plan, leaf_size, step, objective, state0, meta, num_steps, *, check_
     :class:`~replay.errors.NonFiniteMetagradError` names the first (latest) steps
     where it became non-finite; this synchronizes, so it is used for diagnosis only.
     """
+    states = (storage or Storage()).open(state0)
+    try:
+        return _run_plan(plan, leaf_size, step, objective, meta, states, state0, check_each_leaf, monitor)
+    finally:
+        states.close()
+
+
+def _run_plan(plan, leaf_size, step, objective, meta, states, state0, check_each_leaf, monitor):
     from .errors import NonFiniteMetagradError
 
-    states = {0: state0}
+    states[0] = state0
     value = ct_state = ct_meta = None
     for op in plan:
         if isinstance(op, Advance):
