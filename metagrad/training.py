@@ -53,6 +53,9 @@ class TrainingProblem:
       param_dtype: dtype of parameters and inputs (use ``jnp.float64`` with x64 for exactness checks).
       objective_split: the split whose mean loss is the metaobjective.
       maximize: the metaobjective is the *negative* loss (for attacks), so minimizing it maximizes the loss.
+      mesh: a ``jax.sharding.Mesh`` for data-parallel training: each batch is split
+        over the mesh axis ``data_axis`` and the state is replicated; REPLAY's
+        stored states keep that sharding. ``None``: one device.
     """
 
     model: nn.Module
@@ -67,6 +70,8 @@ class TrainingProblem:
     param_dtype: Any = jnp.float32
     objective_split: str = "val"
     maximize: bool = False
+    mesh: Any = None
+    data_axis: str = "data"
 
     def __post_init__(self):
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
@@ -80,6 +85,15 @@ class TrainingProblem:
                 f"Poison.indices reach {max(self.poison.indices)} but the training set has "
                 f"{self.data.num_train} examples."
             )
+        if self.mesh is not None:
+            if self.data_axis not in self.mesh.axis_names:
+                raise ValueError(f"data_axis={self.data_axis!r} is not an axis of the mesh {self.mesh.axis_names}.")
+            devices = self.mesh.shape[self.data_axis]
+            if self.batch_size % devices:
+                raise ValueError(
+                    f"batch_size={self.batch_size} must be divisible by the {devices} devices of mesh axis "
+                    f"{self.data_axis!r} for data-parallel training."
+                )
         object.__setattr__(self, "data", self.data.astype(self.param_dtype))
         object.__setattr__(self, "_train_flag", takes_train_flag(self.model))
         slots = None if self.poison is None else self.poison.slot_of_example(self.data.num_train)
@@ -164,8 +178,15 @@ class TrainingProblem:
         cast = lambda a: a.astype(self.param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
         params = jax.tree.map(cast, variables["params"])
         state0 = {"params": params, "opt_state": self.optimizer.init(params)}
+        if self.mesh is not None:
+            state0 = jax.device_put(state0, self._sharding())
         object.__setattr__(self, "_state0", state0)
         return state0
+
+    def _sharding(self, *spec):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return NamedSharding(self.mesh, PartitionSpec(*spec))
 
     def logits(self, params, x, *, train: bool = False, rng=None):
         kwargs = {"train": train} if self._train_flag else {}
@@ -183,6 +204,9 @@ class TrainingProblem:
             mask = (slot >= 0).reshape((-1,) + (1,) * (x.ndim - 1))
             x = x + jnp.where(mask, delta, jnp.zeros_like(delta))
         weights = meta["data_weights"][idx] if self.data_weights is not None else jnp.ones((self.batch_size,), x.dtype)
+        if self.mesh is not None:
+            split = self._sharding(self.data_axis)
+            x, y, weights = (jax.lax.with_sharding_constraint(a, split) for a in (x, y, weights))
         return x, y, weights
 
     def step(self, state, meta, t):
