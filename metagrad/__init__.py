@@ -1,12 +1,13 @@
 """metagrad: differentiate, steer and reuse training runs in JAX."""
 
-from . import data, meta, models
+from . import data, meta, mixing, models
 from .data import Dataset, batch_indices, from_arrays, from_tfds, mnist1d
 from .meta import DataWeights, LRSchedule, Poison, project_to_simplex
+from .mixing import DGA, MixingProblem
 from .models import CNN1D, MLP
 from .training import TrainingProblem
 
 __all__ = [
-    "CNN1D", "DataWeights", "Dataset", "LRSchedule", "MLP", "Poison", "TrainingProblem",
-    "batch_indices", "data", "from_arrays", "from_tfds", "meta", "mnist1d", "models", "project_to_simplex",
+    "CNN1D", "DGA", "DataWeights", "Dataset", "LRSchedule", "MLP", "MixingProblem", "Poison", "TrainingProblem",
+    "batch_indices", "data", "from_arrays", "from_tfds", "meta", "mixing", "mnist1d", "models", "project_to_simplex",
 ]
