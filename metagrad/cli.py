@@ -88,6 +88,11 @@ def main(argv=None) -> int:
     audit.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
     audit.add_argument("--no-progress", action="store_true")
     audit.set_defaults(func=_audit_poison)
+
+    from .interactive.cli import add_interactive_parser, add_replay_log_parser
+
+    add_interactive_parser(sub)  # metagrad interactive
+    add_replay_log_parser(sub)  # metagrad replay-log LOG
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     for noisy in ("absl", "jax._src.xla_bridge"):

@@ -1,0 +1,100 @@
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright): change the LR from the page,
+save and load a checkpoint from the page, and see the run follow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+from metagrad.interactive import Trainer, build_problem  # noqa: E402
+from metagrad.interactive.server import ControlServer  # noqa: E402
+
+CHROMIUM = os.environ.get("METAGRAD_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+SPEC = {"dataset": {"name": "blobs", "num_examples": 300}, "model": {"name": "mlp", "hidden": [12]},
+        "optimizer": {"name": "sgd", "hyperparams": {"learning_rate": 0.05, "momentum": 0.9}},
+        "num_steps": 60, "batch_size": 16, "seed": 0}
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def page_and_run(tmp_path):
+    # 60 steps at 0.25 s each keep the run going for the whole test; it is stopped at the end
+    trainer = Trainer(build_problem(SPEC), spec=SPEC, log_path=str(tmp_path / "log.jsonl"),
+                      checkpoint_dir=str(tmp_path / "ckpt"), eval_every=5, min_step_seconds=0.25).start()
+    server = ControlServer(trainer).start()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(server.dashboard_url, timeout=30000)
+        yield page, trainer, server, errors
+        browser.close()
+    trainer.request_stop()
+    trainer.join(10)
+    server.stop()
+
+
+def test_dashboard_changes_lr_and_forks_a_branch(page_and_run, tmp_path):
+    page, trainer, server, errors = page_and_run
+    expect = sync_api.expect
+    expect(page.locator("#ws-state")).to_have_text("ws: live", timeout=30000)
+    expect(page.locator("#hp-learning_rate")).to_be_visible(timeout=30000)
+
+    # change the LR from the page: the run's LR changes, and the page shows it
+    page.fill("#hp-learning_rate", "0.0123")
+    page.click("#set-learning_rate")
+    assert wait_for(lambda: abs(trainer.hyperparams()["learning_rate"] - 0.0123) < 1e-7)
+    expect(page.locator("#hp-current-learning_rate")).to_have_text("0.01230", timeout=30000)
+    expect(page.locator("#log-table tbody")).to_contain_text("set_hyperparams", timeout=30000)
+
+    # a bad value is refused by the page, and the run is untouched
+    page.fill("#hp-learning_rate", "fast")
+    page.click("#set-learning_rate")
+    expect(page.locator("#command-list li.failed").first).to_contain_text("must be a number")
+    assert abs(trainer.hyperparams()["learning_rate"] - 0.0123) < 1e-7
+
+    # save a checkpoint from the page, then load it: a new branch appears in the tree
+    page.fill("#ckpt-name", "page-ckpt")
+    page.click("#btn-save")
+    expect(page.locator("#load-page-ckpt")).to_be_visible(timeout=30000)
+    saved_step = trainer.checkpoints["page-ckpt"]["step"]
+    assert wait_for(lambda: trainer.t > saved_step)
+    page.click("#load-page-ckpt")
+    expect(page.locator("#branch-1")).to_contain_text("page-ckpt", timeout=30000)
+    expect(page.locator("#run-branch")).to_have_text("1", timeout=30000)
+    assert trainer.branch == 1 and trainer.branches[1]["fork_step"] == saved_step
+    assert os.path.isdir(tmp_path / "ckpt" / "page-ckpt")
+
+    # the charts received metrics and the page raised no script error
+    assert page.evaluate("() => state.metrics.length") > 0
+    assert errors == []
+    r = httpx.get(server.base_url + "/api/log", headers={"X-Token": server.token}).json()
+    assert [e["command"] for e in r] == ["set_hyperparams", "save_checkpoint", "load_checkpoint"]
+
+
+def test_dashboard_without_token_shows_how_to_get_in(page_and_run):
+    page, trainer, server, errors = page_and_run
+    page.goto(server.base_url + "/", timeout=30000)
+    assert "valid token is required" in page.content()
