@@ -1,0 +1,241 @@
+"""Learning transfer (Chijiwa, ICLR 2024) on MNIST-1D: move a training trajectory onto a new initialization.
+
+    python experiments/learning_transfer.py [--quick] [--out experiments/results/learning_transfer]
+
+1. Same task, new initialization: an MLP trained from init A (the source
+   trajectory) is transferred to inits B (several seeds) by GMT and FGMT, with
+   no training. Compared with naive transfer (no permutation), the oracle
+   (permutations matched on the real trajectory of B) and the untrained init;
+   then each starting point is trained and the steps to reach the source's
+   final test accuracy are counted.
+2. A base model update: bases A and B are pretrained on MNIST-1D (different
+   seeds); A is fine-tuned on a second task (MNIST-1D generated with other
+   settings and relabeled classes): that fine-tuning trajectory is transferred
+   onto B and compared with fine-tuning B itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import numpy as np
+import optax
+
+import metagrad as mg
+import replay
+from metagrad import transfer as tr
+from metagrad.progress import progress_bar
+from metagrad.report import format_table, mean_std, pyplot, write_json
+from metagrad.trajectory import record_trajectory
+
+CONFIG = {
+    "full": {"hidden": (128, 128), "lr": 0.1, "steps": 1000, "points": 20, "grad_batch": 2048, "seeds": (1, 2, 3),
+             "pretrain_steps": 1000, "finetune_steps": 500, "finetune_lr": 0.01, "eval_every": 25, "budget": 2},
+    "quick": {"hidden": (64, 64), "lr": 0.1, "steps": 300, "points": 8, "grad_batch": 1024, "seeds": (1,),
+              "pretrain_steps": 300, "finetune_steps": 200, "finetune_lr": 0.01, "eval_every": 25, "budget": 2},
+}
+
+START_POINTS = ("init", "naive", "FGMT", "GMT", "oracle")
+
+
+def make_problem(cfg, data, seed, num_steps, lr):
+    return mg.TrainingProblem(mg.MLP(hidden=cfg["hidden"]), optax.sgd(lr, momentum=0.9), data,
+                              num_steps=num_steps, batch_size=128, seed=seed, lr_schedule=None)
+
+
+def accuracy_fn(problem):
+    fn = jax.jit(lambda p: problem.loss_and_accuracy(p, "test")[1])
+    return lambda p: float(fn(p))
+
+
+def training_curve(problem, params, num_steps, every, accuracy):
+    """Test accuracy every ``every`` steps of training ``problem`` from ``params`` (fresh optimizer state)."""
+    state = {"params": params, "opt_state": problem.optimizer.init(params)}
+    steps, accs = [0], [accuracy(params)]
+    for t0 in range(0, num_steps, every):
+        state = replay.compiled.advance(problem.step, state, {}, t0, t0 + every)
+        steps.append(t0 + every)
+        accs.append(accuracy(state["params"]))
+    return {"steps": steps, "accuracy": accs}
+
+
+def steps_to(curve, target):
+    for step, acc in zip(curve["steps"], curve["accuracy"]):
+        if acc >= target:
+            return step
+    return None
+
+
+def transfer_all(spec, source, target_start, grad_fn, target_traj=None):
+    """Zero-step parameters of every starting point, and the seconds/gradient evaluations of each method."""
+    out, cost = {"init": target_start, "naive": tr.naive_transfer(source, target_start)}, {}
+    for name, run in (("FGMT", lambda: tr.fgmt(spec, source, target_start, grad_fn)),
+                      ("GMT", lambda: tr.gmt(spec, source, target_start, grad_fn))):
+        tic = time.perf_counter()
+        result = run()
+        cost[name] = {"seconds": time.perf_counter() - tic, "grad_evals": result.grad_evals}
+        out[name] = result.params
+    if target_traj is not None:
+        out["oracle"] = tr.oracle(spec, source, target_traj, grad_fn).params
+    return out, cost
+
+
+def experiment_same_task(cfg, data, progress):
+    points = [int(s) for s in np.linspace(0, cfg["steps"], cfg["points"] + 1)]
+    source_problem = make_problem(cfg, data, 0, cfg["steps"], cfg["lr"])
+    accuracy = accuracy_fn(source_problem)
+    source = record_trajectory(source_problem, {}, points)
+    source_acc = accuracy(source.final)
+    spec = tr.permutation_spec(source.initial, apply_fn=source_problem.logits, x=data.x_val[:64])
+    grad_fn = tr.problem_gradient(source_problem, batch_size=cfg["grad_batch"])
+    budget = cfg["budget"] * cfg["steps"]
+    per_seed = []
+    for seed in progress_bar(cfg["seeds"], desc="exp 1: target inits", disable=not progress):
+        target_problem = make_problem(cfg, data, seed, cfg["steps"], cfg["lr"])
+        target_traj = record_trajectory(target_problem, {}, points)
+        starts, cost = transfer_all(spec, source, target_traj.initial, grad_fn, target_traj)
+        row = {"seed": seed, "cost": cost, "zero_step_accuracy": {}, "steps_to_target": {}, "curves": {}}
+        for name in START_POINTS:
+            row["zero_step_accuracy"][name] = accuracy(starts[name])
+            curve = training_curve(target_problem, starts[name], budget, cfg["eval_every"], accuracy)
+            row["curves"][name] = curve
+            row["steps_to_target"][name] = steps_to(curve, source_acc)
+        per_seed.append(row)
+    return {"source_accuracy": source_acc, "target_accuracy": source_acc, "budget_steps": budget,
+            "trajectory_steps": points, "per_seed": per_seed}
+
+
+def second_task(seed=1):
+    """MNIST-1D generated with other settings (more shear and noise) and a fixed relabeling of the classes."""
+    data = mg.mnist1d(seed=seed, shear_scale=1.2, iid_noise_scale=0.05)
+    relabel = np.random.default_rng(123).permutation(10).astype(np.int32)
+    return mg.Dataset(data.x_train, relabel[data.y_train], data.x_val, relabel[data.y_val], data.x_test,
+                      relabel[data.y_test], num_classes=10, name="mnist1d-shifted-relabeled")
+
+
+def experiment_base_update(cfg, data, progress):
+    task2 = second_task()
+    bases = {}
+    for name, seed in (("A", 0), ("B", 1)):
+        pre = make_problem(cfg, data, seed, cfg["pretrain_steps"], cfg["lr"])
+        bases[name] = pre.train({})["params"]
+    base_acc_task1 = {k: accuracy_fn(make_problem(cfg, data, 0, 1, cfg["lr"]))(v) for k, v in bases.items()}
+    ft = cfg["finetune_steps"]
+    points = [int(s) for s in np.linspace(0, ft, cfg["points"] + 1)]
+    problem = make_problem(cfg, task2, 0, ft, cfg["finetune_lr"])
+    accuracy = accuracy_fn(problem)
+    source = record_trajectory(problem, {}, points,
+                               state={"params": bases["A"], "opt_state": problem.optimizer.init(bases["A"])})
+    source_acc = accuracy(source.final)
+    spec = tr.permutation_spec(source.initial, apply_fn=problem.logits, x=task2.x_val[:64])
+    grad_fn = tr.problem_gradient(problem, batch_size=cfg["grad_batch"])
+    starts, cost = transfer_all(spec, source, bases["B"], grad_fn)
+    out = {"base_accuracy_task1": base_acc_task1, "source_accuracy": source_acc, "cost": cost,
+           "zero_step_accuracy": {}, "steps_to_target": {}, "curves": {}, "budget_steps": cfg["budget"] * ft}
+    for name in progress_bar(("init", "naive", "FGMT", "GMT"), desc="exp 2: fine-tuning runs", disable=not progress):
+        out["zero_step_accuracy"][name] = accuracy(starts[name])
+        curve = training_curve(problem, starts[name], cfg["budget"] * ft, cfg["eval_every"], accuracy)
+        out["curves"][name] = curve
+        out["steps_to_target"][name] = steps_to(curve, source_acc)
+    return out
+
+
+def fmt_steps(x, budget):
+    return f">{budget}" if x is None else str(x)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="reduced sizes (CI)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "learning_transfer"))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    cfg = CONFIG["quick" if args.quick else "full"]
+    progress = not args.no_progress
+    tic = time.perf_counter()
+    data = mg.mnist1d()
+    exp1 = experiment_same_task(cfg, data, progress)
+    exp2 = experiment_base_update(cfg, data, progress)
+    seconds = time.perf_counter() - tic
+
+    # ------------------------------------------------------------------ summary
+    src1 = exp1["source_accuracy"]
+    summary1 = {}
+    for name in START_POINTS:
+        accs = [r["zero_step_accuracy"][name] for r in exp1["per_seed"]]
+        steps = [r["steps_to_target"][name] for r in exp1["per_seed"]]
+        summary1[name] = {"zero_step_accuracy": mean_std(accs), "steps_to_target": steps}
+    init_steps = [s if s is not None else np.inf for s in summary1["init"]["steps_to_target"]]
+    goals = {}
+    for name in ("FGMT", "GMT"):
+        acc = summary1[name]["zero_step_accuracy"]["mean"]
+        steps = [s if s is not None else np.inf for s in summary1[name]["steps_to_target"]]
+        goals[f"exp1 {name}: zero-step accuracy >= 60% of source"] = acc >= 0.6 * src1
+        goals[f"exp1 {name}: steps to target <= half of init's (every seed)"] = all(
+            s <= 0.5 * i and np.isfinite(s) for s, i in zip(steps, init_steps))
+    goals["exp1 naive near chance (< 0.25)"] = summary1["naive"]["zero_step_accuracy"]["mean"] < 0.25
+    src2 = exp2["source_accuracy"]
+    base_steps = exp2["steps_to_target"]["init"]
+    for name in ("FGMT", "GMT"):
+        goals[f"exp2 {name}: zero-step accuracy >= 60% of fine-tuned A"] = exp2["zero_step_accuracy"][name] >= 0.6 * src2
+        s = exp2["steps_to_target"][name]
+        goals[f"exp2 {name}: steps to target <= half of fine-tuning B"] = (
+            s is not None and (base_steps is None or s <= 0.5 * base_steps))
+
+    report = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+              "quick": args.quick, "seconds": seconds, "experiment_1": exp1, "experiment_1_summary": summary1,
+              "experiment_2": exp2, "goals": goals}
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "result.json"), report)
+
+    rows = []
+    b1 = exp1["budget_steps"]
+    for name in START_POINTS:
+        z = summary1[name]["zero_step_accuracy"]
+        rows.append((f"1: {name}", f"{z['mean']:.3f} ± {z['std']:.3f}", f"{z['mean'] / src1:.2f}",
+                     ", ".join(fmt_steps(s, b1) for s in summary1[name]["steps_to_target"])))
+    b2 = exp2["budget_steps"]
+    labels2 = {"init": "base B (fine-tune B)", "naive": "naive", "FGMT": "FGMT", "GMT": "GMT"}
+    for name in ("init", "naive", "FGMT", "GMT"):
+        z = exp2["zero_step_accuracy"][name]
+        rows.append((f"2: {labels2[name]}", f"{z:.3f}", f"{z / src2:.2f}", fmt_steps(exp2["steps_to_target"][name], b2)))
+    print(f"experiment 1: source (init A) test accuracy {src1:.3f} after {cfg['steps']} steps; "
+          f"targets: inits B with seeds {list(cfg['seeds'])}")
+    print(f"experiment 2: fine-tuned A test accuracy on task 2 {src2:.3f} after {cfg['finetune_steps']} steps")
+    print(format_table(("start", "acc at 0 steps", "/ source", "steps to source acc (per seed)"), rows))
+    for goal, met in goals.items():
+        print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    print(f"{seconds:.0f} s; wrote {args.out}/result.json and learning_transfer.png")
+
+    # -------------------------------------------------------------------- plot
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    means = [summary1[n]["zero_step_accuracy"]["mean"] for n in START_POINTS]
+    stds = [summary1[n]["zero_step_accuracy"]["std"] for n in START_POINTS]
+    axes[0].bar(START_POINTS, means, yerr=stds, color=["grey", "tab:red", "tab:blue", "tab:green", "tab:purple"])
+    axes[0].axhline(src1, color="k", ls="--", label="source (trained A)")
+    axes[0].axhline(0.6 * src1, color="k", ls=":", label="60% of source")
+    axes[0].set(ylabel="test accuracy, 0 training steps", title="1: same task, new init (mean over seeds)")
+    axes[0].legend()
+    first = exp1["per_seed"][0]
+    for name in START_POINTS:
+        c = first["curves"][name]
+        axes[1].plot(c["steps"], c["accuracy"], label=name)
+    axes[1].axhline(src1, color="k", ls="--", label="target")
+    axes[1].set(xlabel="training steps", ylabel="test accuracy", title=f"1: training from each start (seed {first['seed']})")
+    axes[1].legend()
+    for name in ("init", "naive", "FGMT", "GMT"):
+        c = exp2["curves"][name]
+        axes[2].plot(c["steps"], c["accuracy"], label=labels2[name])
+    axes[2].axhline(src2, color="k", ls="--", label="target (fine-tuned A)")
+    axes[2].set(xlabel="fine-tuning steps", ylabel="test accuracy (task 2)", title="2: base model update")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "learning_transfer.png"), dpi=100)
+
+
+if __name__ == "__main__":
+    main()

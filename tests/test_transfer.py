@@ -1,0 +1,210 @@
+"""Learning transfer (metagrad.transfer): symmetry, matching, cost, and a reduced experiment."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metagrad as mg
+from metagrad import transfer as tr
+from metagrad.trajectory import Trajectory, record_trajectory
+
+from conftest import tiny_dataset
+
+
+def _init(model, x, seed=0, dtype=jnp.float32):
+    params = jax.jit(model.init)(jax.random.key(seed), x)["params"]
+    return jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+MODELS = {
+    "mlp": (lambda: mg.MLP(hidden=(12, 10), num_classes=4), (5, 7)),
+    "mlp_layernorm": (lambda: mg.MLP(hidden=(12, 10, 8), num_classes=4, normalize=True), (5, 7)),
+    "cnn1d": (lambda: mg.CNN1D(channels=(6, 5), kernel_size=3, num_classes=4), (5, 16)),
+    "cnn1d_layernorm": (lambda: mg.CNN1D(channels=(6, 5), kernel_size=3, num_classes=4, normalize=True), (5, 16)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_permutation_leaves_function_unchanged(name, x64):
+    make, shape = MODELS[name]
+    model = make()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape))
+    params = _init(model, x, dtype=jnp.float64)
+    spec = tr.permutation_spec(params)
+    hidden = model.hidden if hasattr(model, "hidden") else model.channels
+    assert [spec.size(n) for n in spec.names] == list(hidden)  # one permutation per hidden layer
+    perms = tr.random_permutation(spec, 1)
+    assert any(not np.array_equal(p, np.arange(len(p))) for p in perms.values())
+    permuted = tr.apply_permutation(spec, perms, params)
+    changed = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(permuted)))
+    assert changed > 1e-3  # the parameters really moved ...
+    out, out_p = model.apply({"params": params}, x), model.apply({"params": permuted}, x)
+    np.testing.assert_allclose(np.asarray(out_p), np.asarray(out), rtol=0, atol=1e-6)  # ... the function did not
+    back = tr.apply_permutation(spec, tr.inverse_permutation(perms), permuted)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert tr.check_spec(spec, lambda p, x: model.apply({"params": p}, x), params, x) <= 1e-6
+
+
+def test_cnn_spec_covers_the_flattened_dense_input():
+    model, x = mg.CNN1D(channels=(6, 5), kernel_size=3, num_classes=4), jnp.ones((2, 16))
+    spec = tr.permutation_spec(_init(model, x))
+    assert spec.names == ("P_0", "P_1")
+    assert (("Dense_0", "kernel"), 0) in spec.axes("P_1")  # 4 positions x 5 channels, channels last
+    assert spec.size("P_1") == 5
+
+
+class _Residual(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(8)(x))
+        h = h + nn.relu(nn.Dense(8)(h))  # a skip connection ties the two hidden layers together
+        return nn.Dense(3)(h)
+
+
+class _Nested(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(mg.MLP(hidden=(4,), num_classes=5)(x))
+
+
+def test_unsupported_models_raise_a_clear_error():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)))
+    res = _Residual()
+    params = _init(res, x)
+    with pytest.raises(tr.UnsupportedModelError, match="PermutationSpec"):
+        tr.permutation_spec(params, apply_fn=lambda p, x: res.apply({"params": p}, x), x=x)
+    with pytest.raises(tr.UnsupportedModelError, match="nested"):
+        tr.permutation_spec(_init(_Nested(), x))
+    with pytest.raises(tr.UnsupportedModelError, match="fewer than 2"):
+        tr.permutation_spec({"Dense_0": _init(nn.Dense(3), x)})
+    bad = tr.PermutationSpec((("P", 5, ((("Dense_0", "kernel"), 1),)),))
+    with pytest.raises(ValueError, match="not a multiple"):
+        bad.validate(params)
+
+
+def test_explicit_spec_for_a_custom_model():
+    """A hand-written spec for the residual model: one permutation shared by both hidden layers."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)))
+    res = _Residual()
+    params = _init(res, x)
+    spec = tr.PermutationSpec((("P", 8, (
+        (("Dense_0", "kernel"), 1), (("Dense_0", "bias"), 0),
+        (("Dense_1", "kernel"), 0), (("Dense_1", "kernel"), 1), (("Dense_1", "bias"), 0),
+        (("Dense_2", "kernel"), 0))),))
+    assert tr.check_spec(spec, lambda p, x: res.apply({"params": p}, x), params, x) < 1e-5
+
+
+def test_assignment_recovers_a_planted_permutation():
+    model = mg.MLP(hidden=(16, 12, 10), num_classes=5)
+    params = _init(model, jnp.ones((1, 7)))
+    spec = tr.permutation_spec(params)
+    rng = np.random.default_rng(0)
+    # stacked "gradients" at 3 trajectory points: g2_i = pi*(g1_i) exactly
+    g1 = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=(3,) + a.shape), jnp.float32), params)
+    planted = tr.random_permutation(spec, 7)
+    g2 = jax.vmap(lambda g: tr.apply_permutation(spec, planted, g))(g1)
+    found, objective = tr.match_gradients(spec, g1, g2)
+    for name in spec.names:
+        np.testing.assert_array_equal(np.asarray(found[name]), np.asarray(planted[name]))
+    assert objective == pytest.approx(sum(float(jnp.vdot(a, a)) for a in jax.tree.leaves(g2)), rel=1e-4)
+
+
+def _counting(grad_fn):
+    calls = []
+
+    def counted(params, i):
+        calls.append(i)
+        return grad_fn(params, i)
+
+    return counted, calls
+
+
+def test_fgmt_cost_is_linear_in_T_and_gmt_quadratic():
+    data = tiny_dataset(n_train=32, features=6, classes=3)
+    problem = mg.TrainingProblem(mg.MLP(hidden=(8, 8), num_classes=3), optax.sgd(0.1), data, num_steps=8,
+                                 batch_size=8, lr_schedule=None)
+    grad_fn = tr.problem_gradient(problem, batch_size=16)
+    target0 = mg.TrainingProblem(problem.model, optax.sgd(0.1), data, num_steps=8, batch_size=8, seed=1,
+                                 lr_schedule=None).init_state()["params"]
+    spec = tr.permutation_spec(target0)
+    fgmt_calls, gmt_calls = {}, {}
+    for T in (2, 3, 6):
+        source = record_trajectory(problem, {}, list(range(T + 1)))
+        counted, calls = _counting(grad_fn)
+        result = tr.fgmt(spec, source, target0, counted)
+        fgmt_calls[T] = len(calls)
+        assert result.grad_evals == len(calls)
+        counted, calls = _counting(grad_fn)
+        result = tr.gmt(spec, source, target0, counted)
+        gmt_calls[T] = len(calls)
+        assert result.grad_evals == len(calls)
+        assert len(result.trajectory) == T + 1
+    assert fgmt_calls == {T: 2 * T for T in (2, 3, 6)}
+    assert gmt_calls == {T: T + T * (T + 1) // 2 for T in (2, 3, 6)}
+
+
+def test_trajectory_records_the_training_run():
+    problem = mg.TrainingProblem(mg.MLP(hidden=(8,), num_classes=3), optax.sgd(0.1), tiny_dataset(), num_steps=6,
+                                 batch_size=8, lr_schedule=None)
+    traj = record_trajectory(problem, {}, [0, 2, 6])
+    assert traj.steps == (0, 2, 6) and len(traj) == 3
+    final = problem.train({}, 6)["params"]
+    for a, b in zip(jax.tree.leaves(traj.final), jax.tree.leaves(final)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    lin = traj.linear(5)
+    assert lin.steps == (0, 1.5, 3, 4.5, 6)
+    for a, b, m in zip(jax.tree.leaves(traj.initial), jax.tree.leaves(traj.final), jax.tree.leaves(lin.at(2))):
+        np.testing.assert_allclose(np.asarray(m), (np.asarray(a) + np.asarray(b)) / 2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="increasing"):
+        Trajectory.from_list([0, 0], [traj.initial, traj.final])
+
+
+class _BNNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(6)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(3)(nn.relu(x))
+
+
+def test_reestimate_batch_stats_gives_the_data_statistics():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(50, 4)), jnp.float32)
+    model = _BNNet()
+    variables = model.init(jax.random.key(0), x)
+    stale = {**variables, "batch_stats": jax.tree.map(lambda a: a + 3.0, variables["batch_stats"])}
+    fresh = tr.reestimate_batch_stats(model, stale, x)
+    h = x @ variables["params"]["Dense_0"]["kernel"] + variables["params"]["Dense_0"]["bias"]
+    np.testing.assert_allclose(np.asarray(fresh["batch_stats"]["BatchNorm_0"]["mean"]), np.asarray(h.mean(0)),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fresh["batch_stats"]["BatchNorm_0"]["var"]), np.asarray(h.var(0)),
+                               rtol=1e-4, atol=1e-5)
+    assert tr.reestimate_batch_stats(mg.MLP(), {"params": {}}, x) == {"params": {}}
+
+
+def test_reduced_experiment_transfer_beats_naive():
+    """Same task, new init, on MNIST-1D (generated offline, reduced): FGMT well above naive transfer."""
+    data = mg.mnist1d()
+
+    def problem(seed):
+        return mg.TrainingProblem(mg.MLP(hidden=(64, 64)), optax.sgd(0.1, momentum=0.9), data,
+                                  num_steps=300, batch_size=128, seed=seed, lr_schedule=None)
+
+    source_problem, target_problem = problem(0), problem(1)
+    source = record_trajectory(source_problem, {}, list(range(0, 301, 50)))
+    target0 = target_problem.init_state()["params"]
+    spec = tr.permutation_spec(target0)
+    result = tr.fgmt(spec, source, target0, tr.problem_gradient(source_problem, batch_size=512))
+    accuracy = jax.jit(lambda p: source_problem.loss_and_accuracy(p, "test")[1])
+
+    source_acc = float(accuracy(source.final))
+    naive_acc = float(accuracy(tr.naive_transfer(source, target0)))
+    fgmt_acc = float(accuracy(result.params))
+    assert source_acc > 0.4
+    assert fgmt_acc > naive_acc + 0.1, (source_acc, naive_acc, fgmt_acc)
+    assert fgmt_acc > 0.4 * source_acc, (source_acc, naive_acc, fgmt_acc)
