@@ -150,7 +150,7 @@ def main():
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                oom = "RESOURCE_EXHAUSTED" in proc.stderr or "MemoryError" in proc.stderr or "bad_alloc" in proc.stderr \
+                oom = any(s in proc.stderr for s in ("RESOURCE_EXHAUSTED", "MemoryError", "bad_alloc", "Out of memory")) \
                     or proc.returncode in (-9, 137)
                 rows.append({"strategy": name, "num_steps": T,
                              "error": f"out of memory (cap {args.mem_cap_gb} GB)" if oom else err[:200]})
