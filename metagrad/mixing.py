@@ -42,7 +42,7 @@ from jax import lax
 import replay
 
 from .data import Dataset, batch_indices
-from .models import takes_train_flag
+from .models import init_params, takes_train_flag
 
 __all__ = [
     "DGA", "MixingProblem", "alignment_scores", "check_simplex", "dga_update", "exponentiated_gradient",
@@ -279,10 +279,8 @@ class MixingProblem:
         cached = self.__dict__.get("_state0")
         if cached is not None:
             return cached
-        x = jnp.asarray(self._target.x_train[:1])
-        variables = self.model.init(jax.random.fold_in(self._key(), 0), x)
-        cast = lambda a: a.astype(self.param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
-        params = jax.tree.map(cast, variables["params"])
+        key = jax.random.fold_in(self._key(), 0)
+        params = init_params(self.model, key, jnp.asarray(self._target.x_train[:1]), self.param_dtype)
         w0 = jnp.asarray(self._w0)
         state0 = {
             "params": params,

@@ -59,3 +59,12 @@ def takes_train_flag(model: nn.Module) -> bool:
     """Whether ``model.__call__`` accepts ``train=`` (then dropout etc. are switched by it)."""
     return "train" in inspect.signature(type(model).__call__).parameters
 
+
+
+def init_params(model: nn.Module, key, example_x, dtype):
+    """``model``'s parameters initialized from ``key`` on ``example_x``, floating leaves cast to ``dtype``."""
+    import jax
+    import jax.numpy as jnp
+
+    params = model.init(key, example_x)["params"]
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)

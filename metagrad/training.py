@@ -27,7 +27,7 @@ import replay
 
 from .data import Dataset, batch_indices
 from .meta import DataWeights, LRSchedule, Poison
-from .models import takes_train_flag
+from .models import init_params, takes_train_flag
 
 
 def _has_injected_lr(opt_state) -> bool:
@@ -173,10 +173,8 @@ class TrainingProblem:
         cached = self.__dict__.get("_state0")
         if cached is not None:
             return cached
-        x = jnp.asarray(self.data.x_train[:1])
-        variables = self.model.init(jax.random.fold_in(self._key(), 0), x)
-        cast = lambda a: a.astype(self.param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
-        params = jax.tree.map(cast, variables["params"])
+        key = jax.random.fold_in(self._key(), 0)
+        params = init_params(self.model, key, jnp.asarray(self.data.x_train[:1]), self.param_dtype)
         state0 = {"params": params, "opt_state": self.optimizer.init(params)}
         if self.mesh is not None:
             state0 = jax.device_put(state0, self._sharding())
