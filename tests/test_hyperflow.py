@@ -1,0 +1,135 @@
+"""HyperFlow (metagrad.hyperflow): Euler integration, interpolation, gradient-free adaptation, a reduced experiment."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+import metagrad as mg
+from metagrad import hyperflow as hf
+
+HIDDEN = (32, 16)
+
+
+def test_euler_linear_drift_matches_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 4)) * 0.5 - np.eye(4)
+    y0 = {"y": jnp.asarray(rng.normal(size=4))}
+    with jax.enable_x64(True):
+        a64, y64 = jnp.asarray(a), jnp.asarray(y0["y"], jnp.float64)
+        for n in (1, 3, 16):
+            h = 1.0 / n
+            out = hf.euler(lambda y, t: {"y": a64 @ y["y"]}, {"y": y64}, n, h)["y"]
+            closed = np.linalg.matrix_power(np.eye(4) + h * a, n) @ np.asarray(y64)  # Euler's closed form
+            np.testing.assert_allclose(np.asarray(out), closed, rtol=1e-12, atol=1e-12)
+        # first-order convergence to the flow's closed form exp(A) y0
+        exact = scipy.linalg.expm(a) @ np.asarray(y64)
+        errs = [np.linalg.norm(np.asarray(hf.euler(lambda y, t: a64 @ y, y64, n, 1.0 / n)) - exact)
+                for n in (64, 128, 256)]
+        assert errs[0] > errs[1] > errs[2]
+        assert 1.8 < errs[0] / errs[1] < 2.2 and 1.8 < errs[1] / errs[2] < 2.2
+        # a time-dependent linear drift dy/dt = t y: Euler gives prod_n (1 + h t_n) with t_n = t0 + n h
+        t0, n, h = 0.25, 8, 0.1
+        out = hf.euler(lambda y, t: t * y, jnp.float64(2.0), n, h, t0=t0)
+        np.testing.assert_allclose(float(out), 2.0 * np.prod([1 + h * (t0 + k * h) for k in range(n)]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", hf.INTERPOLATIONS)
+def test_interpolation_passes_through_knots_and_velocity_is_its_derivative(kind):
+    rng = np.random.default_rng(1)
+    knots = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}
+    m = 4
+    for i in ([0, m] if kind == "linear" else range(m + 1)):
+        point, _ = hf.interpolate(knots, jnp.float32(i / m), kind)
+        np.testing.assert_allclose(point["w"], knots["w"][i], atol=1e-5)
+    for s in (0.13, 0.37, 0.62, 0.9):  # away from the knots, where piecewise velocities jump
+        eps = 1e-3
+        (p1, _), (p0, _) = hf.interpolate(knots, s + eps, kind), hf.interpolate(knots, s - eps, kind)
+        _, v = hf.interpolate(knots, s, kind)
+        np.testing.assert_allclose(v["w"], (p1["w"] - p0["w"]) / (2 * eps), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="unknown interpolation"):
+        hf.interpolate(knots, 0.5, "quadratic")
+
+
+def _tiny_model(seed=0):
+    backbone = hf.feature_model(HIDDEN).init(jax.random.key(seed), jnp.zeros((1, 40)))["params"]
+    config = hf.DriftConfig(ways=3, hidden=8, velocity_scale=2.0)
+    phi = hf.init_drift(jax.random.key(seed + 1), config)
+    return hf.HyperFlow(phi, config, HIDDEN), backbone
+
+
+def _count_autodiff_calls(monkeypatch):
+    calls = []
+    for name in ("grad", "value_and_grad", "vjp", "jvp", "linearize", "jacrev", "jacfwd", "hessian"):
+        original = getattr(jax, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(jax, name, counted)
+    return calls
+
+
+def test_adapt_calls_no_gradient(monkeypatch):
+    model, backbone = _tiny_model()
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(9, 40)).astype(np.float32)
+    y = np.repeat(np.arange(3), 3).astype(np.int32)
+    jax.clear_caches()  # adaptation is traced afresh under the counters
+    calls = _count_autodiff_calls(monkeypatch)
+    out = model.adapt({"backbone": backbone}, (x, y), num_steps=3)
+    assert calls == []
+    feats = hf.features(backbone, jnp.asarray(x), HIDDEN)
+    proto = hf.prototype_head(feats, jax.nn.one_hot(y, 3), model.config.scale)
+    assert float(jnp.max(jnp.abs(out["head"]["kernel"] - proto["kernel"]))) > 0  # it did move the head
+    # control: the same counters do see gradient-based fine-tuning
+    jax.jit(lambda b, xx: hf.finetune_head(b, xx, y, lr=0.1, num_steps=2, hidden=HIDDEN, ways=3, scale=10.0))(
+        backbone, x)
+    assert "grad" in calls
+
+
+def test_adapt_explicit_head_and_errors():
+    model, backbone = _tiny_model()
+    x = np.zeros((6, 40), np.float32)
+    y = np.array([0, 0, 1, 1, 2, 2], np.int32)
+    head0 = {"kernel": jnp.zeros((HIDDEN[-1], 3)), "bias": jnp.zeros(3)}
+    zero = model.adapt({"backbone": backbone, "head": head0}, (x, y), num_steps=0)
+    np.testing.assert_array_equal(zero["head"]["kernel"], head0["kernel"])
+    with pytest.raises(ValueError, match="backbone"):
+        model.adapt({"head": head0}, (x, y))
+    with pytest.raises(ValueError, match="one integer label per input"):
+        model.adapt({"backbone": backbone}, (x, y[:3]))
+    with pytest.raises(ValueError, match="cannot make 5-way"):
+        hf.sample_tasks(x, y, [0, 1, 2], 1, ways=5)
+
+
+def test_reduced_experiment_hyperflow_beats_no_adaptation():
+    """Pretrain on classes 0-4, meta-train h_phi on held-out 0-4 tasks, evaluate on 5-9 (reduced sizes)."""
+    data = mg.mnist1d(num_samples=4000, num_val=800)
+    base, novel = range(5), range(5, 10)
+    backbone, _ = hf.pretrain_backbone(data, base, hidden=HIDDEN, num_steps=500, learning_rate=3e-3)
+    pool = hf.class_subset(np.concatenate([data.x_val, data.x_test]), np.concatenate([data.y_val, data.y_test]), base)
+    meta_tasks = hf.sample_tasks(*pool, base, 96, seed=1, transforms=tuple(hf.TRANSFORMS))
+    test = hf.sample_tasks(*hf.class_subset(data.x_train, data.y_train, novel), novel, 100, seed=2)
+    lr, steps, scale = 3.0, 50, 10.0
+    traj = hf.simulate_trajectories(backbone, meta_tasks["support_x"], meta_tasks["support_y"], jax.random.key(0),
+                                    lr, num_steps=steps, num_knots=10, num_starts=2, hidden=HIDDEN, ways=5,
+                                    scale=scale)
+    phi, config, history = hf.meta_train(traj, hf.DriftConfig(hidden=32, scale=scale), num_iters=300,
+                                         batch_tasks=32, learning_rate=1e-2, progress=False)
+    assert history[-1] < 0.5 * history[0]
+    model = hf.HyperFlow(phi, config, HIDDEN)
+
+    def accuracy(adapt):
+        heads = jax.vmap(adapt)(test["support_x"], test["support_y"])
+        feats = jax.vmap(lambda x: hf.features(backbone, x, HIDDEN))(test["query_x"])
+        return np.asarray(jax.vmap(hf.accuracy)(heads, feats, test["query_y"]))
+
+    proto = accuracy(lambda x, y: hf.prototype_head(hf.features(backbone, x, HIDDEN), jax.nn.one_hot(y, 5), scale))
+    flow = accuracy(lambda x, y: model.adapt({"backbone": backbone}, (x, y), num_steps=4)["head"])
+    diff = flow - proto
+    assert diff.mean() > 0, (proto.mean(), flow.mean())
