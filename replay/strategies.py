@@ -16,8 +16,6 @@ import abc
 import dataclasses
 import logging
 
-import jax
-import jax.numpy as jnp
 
 from . import compiled
 from .errors import MemoryBudgetError

@@ -1,6 +1,5 @@
 """REPLAY compiles a fixed set of programs, whatever the run length: no retracing per step or segment."""
 
-import jax
 import jax.numpy as jnp
 
 import replay

@@ -1,7 +1,6 @@
 """The main job, ``metagrad demo``, in its reduced size, through the installed console script."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

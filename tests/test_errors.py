@@ -1,6 +1,5 @@
 """Bad input gets an error that says what to change."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

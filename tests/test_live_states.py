@@ -1,6 +1,5 @@
 """The live-state bound holds in the real traversal (the executor instrumented), not only in the plan."""
 
-import jax.numpy as jnp
 import pytest
 
 import replay

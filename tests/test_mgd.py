@@ -1,10 +1,6 @@
 """Metagradient descent: improves the objective, resumes after a kill, survives a torn checkpoint."""
 
-import json
 import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import optax

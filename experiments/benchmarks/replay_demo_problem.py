@@ -100,9 +100,9 @@ def main():
         print(f"{name:<14}{r['num_steps']:>7}{r['seconds']:>9.2f}{r['seconds'] / u['seconds']:>9.2f}"
               f"{r['step_evaluations']:>12}{r['peak_live_states']:>12}{r['peak_rss_mb']:>13.0f}"
               f"{r['peak_rss_mb'] / u['peak_rss_mb']:>9.2f}{r['peak_rss_mb'] - r['baseline_rss_mb']:>13.0f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows}, f, indent=2)
+    from metagrad.report import write_json
+
+    write_json(args.out, {"machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows})
     print(f"wrote {args.out}")
 
 

@@ -172,9 +172,9 @@ def main():
         print(f"{r['strategy']:<12}{r['num_steps']:>8}{r['seconds']:>9.2f}{ratio(r['seconds'], u and u['seconds']):>9}"
               f"{ratio(r['seconds'], remat and remat['seconds']):>9}{str(r.get('step_evaluations', '-')):>12}"
               f"{r['stored_states']:>8}{r['peak_rss_mb']:>13.0f}{ratio(r['peak_rss_mb'], u and u['peak_rss_mb']):>9}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows}, f, indent=2)
+    from metagrad.report import write_json
+
+    write_json(args.out, {"machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows})
     print(f"wrote {args.out}")
 
 
