@@ -25,6 +25,7 @@ from .trees import tree_bytes
 __all__ = [
     "Advance", "Backprop", "Binomial", "DivergenceError", "Free", "FullUnroll", "MemoryBudgetError",
     "NonFiniteMetagradError", "Objective", "PlanStats", "Remat", "Replay", "ReplayError",
-    "StepSignatureError", "Storage", "Strategy", "TieredStore", "binomial_plan", "check_objective", "check_step", "choose_k", "execute",
+    "StepSignatureError", "Storage", "Strategy", "TieredStore", "binomial_plan", "check_objective", "check_step",
+    "choose_k", "execute",
     "kary_plan", "live_state_bound", "simulate", "tree_bytes", "tree_depth", "value_and_metagrad",
 ]

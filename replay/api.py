@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from . import compiled
 from .errors import DivergenceError, NonFiniteMetagradError, StepSignatureError
-from .strategies import Replay, Strategy, execute
+from .strategies import PlannedStrategy, Replay, Strategy, execute
 from .trees import fill_nondifferentiable, nonfinite_paths, partition
 
 
@@ -131,7 +131,7 @@ def _raise_if_nonfinite(strategy, step, objective, state0, meta, num_steps, valu
     bad = nonfinite_paths(grads)
     if bad:
         # Locate where the reverse pass went bad (re-executes REPLAY's plan with a check per leaf).
-        diagnose = strategy if isinstance(strategy, Replay) else Replay(k=8)
+        diagnose = strategy if isinstance(strategy, PlannedStrategy) else Replay(k=8)
         plan, leaf = diagnose.plan(num_steps, state0)
         execute(plan, leaf, step, objective, state0, meta, num_steps, check_each_leaf=True)
         raise NonFiniteMetagradError(

@@ -54,7 +54,6 @@ class TieredStore:
         self._directory = directory
         self._owns_directory = False
         self._checkpointer = None
-        self.moves = {"to_host": 0, "to_disk": 0}
 
     def __len__(self):
         return len(self._device) + len(self._host) + len(self._disk)
@@ -93,7 +92,6 @@ class TieredStore:
         leaves, treedef = jax.tree.flatten(state)
         shardings = [getattr(x, "sharding", None) for x in leaves]
         self._host[t] = ([np.asarray(jax.device_get(x)) for x in leaves], treedef, shardings)
-        self.moves["to_host"] += 1
         if self.host_slots is not None and len(self._host) > self.host_slots:
             oldest = min(self._host)
             self._to_disk(oldest, self[oldest])
@@ -116,7 +114,6 @@ class TieredStore:
         self._checkpointer.save(path, state)
         self._checkpointer.wait_until_finished()
         self._disk[t] = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        self.moves["to_disk"] += 1
 
     def close(self):
         for t in list(self._disk):

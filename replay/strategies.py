@@ -16,10 +16,11 @@ import abc
 import dataclasses
 import logging
 
-
 from . import compiled
-from .errors import MemoryBudgetError
-from .plan import Advance, Backprop, Free, Objective, binomial_plan, kary_plan, leaf_buffer_states, live_state_bound, tree_depth
+from .errors import MemoryBudgetError, NonFiniteMetagradError
+from .plan import (
+    Advance, Backprop, Free, Objective, binomial_plan, kary_plan, leaf_buffer_states, live_state_bound, tree_depth,
+)
 from .storage import Storage
 from .trees import nonfinite_paths, tree_bytes
 
@@ -74,8 +75,16 @@ def choose_k(num_steps: int, state_bytes: int, memory_budget_bytes: int) -> int:
     return min(fits, key=lambda k: (recompute_estimate(num_steps, k, k), live_state_bound(num_steps, k, k)))
 
 
+class PlannedStrategy(Strategy):
+    """A strategy given by a checkpoint plan (``self.plan``) run by :func:`execute` with ``self.storage``."""
+
+    def value_and_grads(self, step, objective, state0, meta, num_steps):
+        plan, leaf = self.plan(num_steps, state0)
+        return execute(plan, leaf, step, objective, state0, meta, num_steps, storage=self.storage)
+
+
 @dataclasses.dataclass(frozen=True)
-class Replay(Strategy):
+class Replay(PlannedStrategy):
     """REPLAY: exact metagradients from a lazy k-ary tree of recomputed checkpoints.
 
     Engstrom, Ilyas, Chen, Feldmann, Moses, Madry, "Optimizing ML Training with
@@ -123,13 +132,8 @@ class Replay(Strategy):
         k, leaf = self.resolve(num_steps, state0)
         return kary_plan(num_steps, k, leaf), leaf
 
-    def value_and_grads(self, step, objective, state0, meta, num_steps):
-        plan, leaf = self.plan(num_steps, state0)
-        return execute(plan, leaf, step, objective, state0, meta, num_steps, storage=self.storage)
-
-
 @dataclasses.dataclass(frozen=True)
-class Binomial(Strategy):
+class Binomial(PlannedStrategy):
     """The binomial (revolve-optimal) checkpoint plan executed by the same engine as :class:`Replay`.
 
     Griewank & Walther, "Algorithm 799: revolve", ACM TOMS (2000). For the same
@@ -167,11 +171,6 @@ class Binomial(Strategy):
     def plan(self, num_steps: int, state0):
         return binomial_plan(num_steps, self.resolve(num_steps, state0), self.leaf_size), self.leaf_size
 
-    def value_and_grads(self, step, objective, state0, meta, num_steps):
-        plan, leaf = self.plan(num_steps, state0)
-        return execute(plan, leaf, step, objective, state0, meta, num_steps, storage=self.storage)
-
-
 def execute(plan, leaf_size, step, objective, state0, meta, num_steps, *, check_each_leaf=False, monitor=None,
             storage: Storage | None = None):
     """Run a checkpoint plan with the compiled pieces; return ``(value, grad_meta, grad_state0)``.
@@ -191,8 +190,6 @@ def execute(plan, leaf_size, step, objective, state0, meta, num_steps, *, check_
 
 
 def _run_plan(plan, leaf_size, step, objective, meta, states, state0, check_each_leaf, monitor):
-    from .errors import NonFiniteMetagradError
-
     states[0] = state0
     value = ct_state = ct_meta = None
     for op in plan:
