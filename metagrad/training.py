@@ -15,7 +15,7 @@ choice are functions of ``(seed, t)``, so any segment recomputes bit-for-bit.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -54,8 +54,20 @@ class TrainingProblem:
       objective_split: the split whose mean loss is the metaobjective.
       maximize: the metaobjective is the *negative* loss (for attacks), so minimizing it maximizes the loss.
       mesh: a ``jax.sharding.Mesh`` for data-parallel training: each batch is split
-        over the mesh axis ``data_axis`` and the state is replicated; REPLAY's
-        stored states keep that sharding. ``None``: one device.
+        over the mesh axis ``data_axis``; REPLAY's stored states keep the state's
+        sharding. ``None``: one device.
+      inner_grad: how the step's gradient is differentiated by the metagradient:
+        ``"reverse"`` (``jax.grad``, so reverse-over-reverse) or
+        ``"forward_over_reverse"`` (:func:`replay.mixed_mode_grad`: Hessian-vector
+        products by forward-over-reverse, Kemaev et al. 2025). Same values;
+        which is faster depends on the hardware and model (see BUILD_NOTES.md).
+      model_axis: a second mesh axis over which parameters and optimizer state are
+        sharded (``None``: the state is replicated). Each state leaf is placed by
+        ``state_partition``.
+      state_partition: ``(keypath, leaf) -> PartitionSpec`` for every leaf of the
+        state (parameters and optimizer state); default
+        :func:`shard_last_axis` over ``model_axis`` (a kernel's output features,
+        as in column-parallel layers; leaves that don't divide stay replicated).
     """
 
     model: nn.Module
@@ -72,6 +84,9 @@ class TrainingProblem:
     maximize: bool = False
     mesh: Any = None
     data_axis: str = "data"
+    inner_grad: str = "reverse"
+    model_axis: str | None = None
+    state_partition: Callable | None = None
 
     def __post_init__(self):
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
@@ -94,8 +109,23 @@ class TrainingProblem:
                     f"batch_size={self.batch_size} must be divisible by the {devices} devices of mesh axis "
                     f"{self.data_axis!r} for data-parallel training."
                 )
+        if self.inner_grad not in ("reverse", "forward_over_reverse"):
+            raise ValueError(
+                f"inner_grad={self.inner_grad!r}: use 'reverse' (jax.grad) or 'forward_over_reverse' "
+                "(replay.mixed_mode_grad)."
+            )
+        if self.model_axis is not None and (self.mesh is None or self.model_axis not in self.mesh.axis_names):
+            axes = None if self.mesh is None else self.mesh.axis_names
+            raise ValueError(
+                f"model_axis={self.model_axis!r} must name an axis of the mesh (mesh axes: {axes}); "
+                "build the mesh with both axes, e.g. Mesh(devices.reshape(2, 2), ('data', 'model'))."
+            )
+        if self.state_partition is not None and self.mesh is None:
+            raise ValueError("state_partition places the state on a mesh: pass mesh= as well.")
         object.__setattr__(self, "data", self.data.astype(self.param_dtype))
         object.__setattr__(self, "_train_flag", takes_train_flag(self.model))
+        grad_fn = jax.grad(self._batch_loss) if self.inner_grad == "reverse" else replay.mixed_mode_grad(self._batch_loss)
+        object.__setattr__(self, "_grad_fn", grad_fn)
         slots = None if self.poison is None else self.poison.slot_of_example(self.data.num_train)
         object.__setattr__(self, "_poison_slots", slots)
         probe = self.optimizer.init({"w": jnp.zeros((1,), self.param_dtype)})
@@ -177,7 +207,7 @@ class TrainingProblem:
         params = init_params(self.model, key, jnp.asarray(self.data.x_train[:1]), self.param_dtype)
         state0 = {"params": params, "opt_state": self.optimizer.init(params)}
         if self.mesh is not None:
-            state0 = jax.device_put(state0, self._sharding())
+            state0 = jax.device_put(state0, self.state_sharding(state0))
         object.__setattr__(self, "_state0", state0)
         return state0
 
@@ -185,6 +215,19 @@ class TrainingProblem:
         from jax.sharding import NamedSharding, PartitionSpec
 
         return NamedSharding(self.mesh, PartitionSpec(*spec))
+
+    def state_sharding(self, state):
+        """The ``NamedSharding`` of every leaf of ``state`` on the mesh (see ``state_partition``)."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        rule = self.state_partition
+        if rule is None:
+            if self.model_axis is None:
+                return jax.tree.map(lambda _: self._sharding(), state)
+            rule = shard_last_axis(self.model_axis, self.mesh.shape[self.model_axis])
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: NamedSharding(self.mesh, rule(path, leaf) or PartitionSpec()), state
+        )
 
     def logits(self, params, x, *, train: bool = False, rng=None):
         kwargs = {"train": train} if self._train_flag else {}
@@ -212,18 +255,27 @@ class TrainingProblem:
         params, opt_state = state["params"], state["opt_state"]
         x, y, weights = self.training_batch(meta, t)
         rng = jax.random.fold_in(jax.random.fold_in(self._key(), 2), t)
-
-        def loss_fn(p):
-            losses = optax.softmax_cross_entropy_with_integer_labels(self.logits(p, x, train=True, rng=rng), y)
-            return jnp.mean(weights * losses)
-
-        grads = jax.grad(loss_fn)(params)
+        # the inputs the metagradient flows into (besides params) vs constants of the step
+        diff, const = {}, {"y": y, "rng": rng}
+        (diff if self.poison is not None else const)["x"] = x
+        (diff if self.data_weights is not None else const)["weights"] = weights
+        grads = self._grad_fn(params, diff, const)
         if self.lr_schedule is not None:
             old = opt_state.hyperparams["learning_rate"]
             lr = self.lr_schedule.value_at(meta["lr_schedule"], t, self.num_steps).astype(jnp.result_type(old))
             opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        if self.mesh is not None:
+            new_state = jax.lax.with_sharding_constraint(new_state, self.state_sharding(new_state))
+        return new_state
+
+    def _batch_loss(self, params, diff, const):
+        """Weighted mean cross-entropy of a training batch (``x``, ``weights``, ``y``, ``rng`` split over two dicts)."""
+        batch = {**diff, **const}
+        logits = self.logits(params, batch["x"], train=True, rng=batch["rng"])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+        return jnp.mean(batch["weights"] * losses)
 
     def loss_and_accuracy(self, params, split: str = "val"):
         x, y = self.data.split(split)
@@ -254,3 +306,22 @@ class TrainingProblem:
         """``replay.value_and_metagrad`` of this problem's run (kwargs: ``k``, ``strategy``, ...)."""
         self.check_meta(meta)
         return replay.value_and_metagrad(self.step, self.objective, self.init_state(), meta, self.num_steps, **kwargs)
+
+
+def shard_last_axis(axis: str, num_devices: int) -> Callable:
+    """A ``state_partition`` rule: split each leaf's last axis over mesh axis ``axis`` where it divides.
+
+    For dense kernels ``(in, out)`` this is column parallelism (Shoeybi et al.,
+    "Megatron-LM", 2019): each device holds a slice of the output features, their
+    bias and the matching optimizer moments. Scalars and leaves whose last axis
+    doesn't divide by ``num_devices`` are replicated.
+    """
+    from jax.sharding import PartitionSpec
+
+    def rule(path, leaf):
+        shape = np.shape(leaf)
+        if len(shape) == 0 or shape[-1] % num_devices or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            return PartitionSpec()
+        return PartitionSpec(*([None] * (len(shape) - 1)), axis)
+
+    return rule

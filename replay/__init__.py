@@ -15,6 +15,7 @@ from .errors import (
     ReplayError,
     StepSignatureError,
 )
+from .mixed_mode import mixed_mode_grad
 from .plan import (
     Advance, Backprop, Free, Objective, PlanStats, binomial_plan, kary_plan, live_state_bound, simulate, tree_depth,
 )
@@ -27,5 +28,5 @@ __all__ = [
     "NonFiniteMetagradError", "Objective", "PlanStats", "Remat", "Replay", "ReplayError",
     "StepSignatureError", "Storage", "Strategy", "TieredStore", "binomial_plan", "check_objective", "check_step",
     "choose_k", "execute",
-    "kary_plan", "live_state_bound", "simulate", "tree_bytes", "tree_depth", "value_and_metagrad",
+    "kary_plan", "live_state_bound", "mixed_mode_grad", "simulate", "tree_bytes", "tree_depth", "value_and_metagrad",
 ]

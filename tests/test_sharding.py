@@ -1,4 +1,4 @@
-"""Data-parallel training over a device mesh gives the single-device metagradient.
+"""Data-parallel (and parameter-sharded) training over a device mesh gives the single-device metagradient.
 
 Runs in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``
 (the flag must be set before JAX starts), simulating 4 devices on the CPU.
@@ -31,7 +31,19 @@ SCRIPT = textwrap.dedent('''
     spec = jax.tree.leaves(out)[0].sharding
     with pytest_raises(ValueError):
         dataclasses.replace(single, mesh=mesh, batch_size=6)
-    print("RESULT", float(v1), float(v2), err, len(spec.device_set))
+    # parameters and optimizer moments sharded over a "model" axis, batches over "data"
+    mesh2 = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+    both = dataclasses.replace(single, mesh=mesh2, model_axis="model")
+    v4, g4 = both.value_and_metagrad(meta, strategy=replay.Replay(k=3, storage=replay.Storage(device_bytes=1)))
+    err = max(err, max_relative_error(g1, g4))
+    out = replay.compiled.advance(both.step, both.init_state(), meta, 0, 5)
+    kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(out)
+               if "kernel" in jax.tree_util.keystr(path) and leaf.shape[-1] % 2 == 0]
+    assert kernels and all(k.sharding.spec[-1] == "model" for k in kernels), [k.sharding for k in kernels]
+    assert all(k.addressable_shards[0].data.shape[-1] == k.shape[-1] // 2 for k in kernels)
+    with pytest_raises(ValueError):
+        dataclasses.replace(single, mesh=mesh, model_axis="model")
+    print("RESULT", float(v1), float(v2), err, len(spec.device_set), float(v4))
 ''')
 
 PREAMBLE = '''
@@ -46,14 +58,15 @@ def pytest_raises(kind):
 '''
 
 
-def test_sharded_metagradient_equals_single_device():
+def test_sharded_metagradients_equal_single_device():
     tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", PREAMBLE + SCRIPT.format(tests=tests)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
-    v1, v2, err, ndev = line.split()[1:]
+    v1, v2, err, ndev, v4 = line.split()[1:]
     assert abs(float(v1) - float(v2)) <= 1e-12 * abs(float(v1))
+    assert abs(float(v1) - float(v4)) <= 1e-12 * abs(float(v1))
     assert float(err) < 1e-10
     assert int(ndev) == 4

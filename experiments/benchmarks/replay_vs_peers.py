@@ -14,7 +14,11 @@ Strategies: train (the unit), full unroll (jax.grad through lax.scan), per-step
 remat (jax.checkpoint around the step in the scan), equinox's checkpointed
 while loop (``equinox.internal.while_loop(kind="checkpointed")`` with as many
 checkpoints as REPLAY k=16 keeps states), REPLAY (k-ary tree, k = 4 and 16),
-and the binomial plan of the same engine at REPLAY's memory.
+and the binomial plan of the same engine at REPLAY's memory. The ``*_budget``
+rows give each strategy the same state budget (--budget-mb, default 128 MB,
+about a quarter of a training run's resident memory) the way a user would:
+``Replay(memory_budget_bytes=...)`` picks k, ``Binomial(memory_budget_bytes=...)``
+its checkpoints, and equinox gets as many checkpoints as REPLAY stores states.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import subprocess
 import sys
 import time
 
-STRATEGIES = ("train", "full", "remat", "equinox", "replay4", "replay16", "binomial4", "binomial16")
+STRATEGIES = ("train", "full", "remat", "equinox", "replay4", "replay16", "binomial4", "binomial16",
+              "replay_budget", "binomial_budget", "equinox_budget")
 
 
 def _rss_mb():
@@ -70,7 +75,7 @@ def _equinox_value_and_grad(problem, checkpoints):
     return value_and_grad
 
 
-def worker(name: str, num_steps: int, repeats: int) -> dict:
+def worker(name: str, num_steps: int, repeats: int, budget_bytes: int) -> dict:
     import jax
 
     import replay
@@ -92,6 +97,20 @@ def worker(name: str, num_steps: int, repeats: int) -> dict:
         vg = _equinox_value_and_grad(problem, checkpoints)
         fn = lambda: vg(state0, meta)  # noqa: E731
         info.update(stored_states=checkpoints)
+    elif name.endswith("_budget"):
+        budgeted = replay.Replay(memory_budget_bytes=budget_bytes)
+        k, leaf = budgeted.resolve(num_steps, state0)
+        kary = replay.simulate(replay.kary_plan(num_steps, k, leaf), num_steps, leaf_size=leaf)[0]
+        if name == "equinox_budget":
+            vg = _equinox_value_and_grad(problem, kary.peak_live_states)
+            fn = lambda: vg(state0, meta)  # noqa: E731
+            info.update(stored_states=kary.peak_live_states)
+        else:
+            strategy = budgeted if name == "replay_budget" else replay.Binomial(memory_budget_bytes=budget_bytes, leaf_size=leaf)
+            stats = replay.simulate(strategy.plan(num_steps, state0)[0], num_steps, leaf_size=leaf)[0]
+            fn = lambda: problem.value_and_metagrad(meta, strategy=strategy)  # noqa: E731
+            info.update(step_evaluations=stats.total_step_evaluations, stored_states=stats.peak_live_states)
+        info.update(k=k, leaf_size=leaf, budget_bytes=budget_bytes)
     elif name.startswith("replay"):
         k = int(name[len("replay"):])
         stats = replay.simulate(replay.kary_plan(num_steps, k, k), num_steps, leaf_size=k)[0]
@@ -131,12 +150,14 @@ def main():
     parser.add_argument("--steps", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--only", nargs="+", choices=STRATEGIES)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--budget-mb", type=float, default=128.0, help="state budget of the *_budget rows")
     parser.add_argument("--mem-cap-gb", type=float, default=8.0)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "replay_vs_peers.json"))
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats)))
+        print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats,
+                                                   int(args.budget_mb * 2**20))))
         return
     names = args.only or STRATEGIES
     if "train" not in names:
@@ -145,7 +166,8 @@ def main():
     for T in args.steps:
         for name in names:
             tic = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--worker", name, str(T), "--repeats", str(args.repeats)],
+            proc = subprocess.run([sys.executable, __file__, "--worker", name, str(T), "--repeats", str(args.repeats),
+                                   "--budget-mb", str(args.budget_mb)],
                                   capture_output=True, text=True, preexec_fn=_limit_memory(args.mem_cap_gb))
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -158,18 +180,18 @@ def main():
                 rows.append(json.loads(lines[-1][len("RESULT "):]))
             print(f"  {name} T={T}: {time.perf_counter() - tic:.0f}s in all", file=sys.stderr, flush=True)
     unit = {r["num_steps"]: r for r in rows if r["strategy"] == "train" and "error" not in r}
-    header = (f"{'strategy':<12}{'T':>8}{'time s':>9}{'x train':>9}{'x remat':>9}{'step evals':>12}"
+    header = (f"{'strategy':<16}{'T':>8}{'time s':>9}{'x train':>9}{'x remat':>9}{'step evals':>12}"
               f"{'states':>8}{'peak RSS MB':>13}{'x train':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
         if "error" in r:
-            print(f"{r['strategy']:<12}{r['num_steps']:>8}  {r['error']}")
+            print(f"{r['strategy']:<16}{r['num_steps']:>8}  {r['error']}")
             continue
         u = unit.get(r["num_steps"])
         remat = next((x for x in rows if x["strategy"] == "remat" and x["num_steps"] == r["num_steps"] and "error" not in x), None)
         ratio = lambda a, b: f"{a / b:.2f}" if b else "-"  # noqa: E731
-        print(f"{r['strategy']:<12}{r['num_steps']:>8}{r['seconds']:>9.2f}{ratio(r['seconds'], u and u['seconds']):>9}"
+        print(f"{r['strategy']:<16}{r['num_steps']:>8}{r['seconds']:>9.2f}{ratio(r['seconds'], u and u['seconds']):>9}"
               f"{ratio(r['seconds'], remat and remat['seconds']):>9}{str(r.get('step_evaluations', '-')):>12}"
               f"{r['stored_states']:>8}{r['peak_rss_mb']:>13.0f}{ratio(r['peak_rss_mb'], u and u['peak_rss_mb']):>9}")
     from metagrad.report import write_json
