@@ -3,8 +3,11 @@
     python experiments/data_poisoning.py [--quick] [--out experiments/results/data_poisoning]
 
 MGD perturbs 2.5% of the training inputs (L-inf radius eps, kept in the data's
-range) to maximize validation loss, averaging the metagradient over several
-training seeds; models are then retrained from fresh seeds and scored on the
+range) to maximize validation loss. By default every meta-step averages the
+metagradient over --seeds-per-step *new* training seeds (10000, 10001, ...: an
+expectation over the training run's randomness); --seeds-per-step 0 averages
+over the fixed seeds 0 .. --attack-seeds - 1 instead. Models are then retrained
+from fresh seeds (100-102, never used by the attack) and scored on the
 untouched test split. Baselines with the same budget: random perturbations
 (corners of the L-inf ball) and flipping the labels of the same examples.
 """
@@ -25,17 +28,22 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "data_poisoning"))
     parser.add_argument("--eps", type=float, default=2.0)
-    parser.add_argument("--meta-steps", type=int, default=60)
-    parser.add_argument("--attack-seeds", type=int, default=8)
+    parser.add_argument("--meta-steps", type=int, default=120)
+    parser.add_argument("--attack-seeds", type=int, default=8, help="fixed attack seeds (with --seeds-per-step 0)")
+    parser.add_argument("--seeds-per-step", type=int, default=4, help="fresh training seeds per meta-step (0: fixed)")
+    parser.add_argument("--final-step-fraction", type=float, default=1.0,
+                        help="signed step decays linearly from eps/8 to this fraction of it")
     args = parser.parse_args()
     if args.quick:
-        num_steps, hidden, meta_steps, attack_seeds = 100, (32,), 5, 2
+        num_steps, hidden, meta_steps, attack_seeds, seeds_per_step = 100, (32,), 5, 2, 2
     else:
-        num_steps, hidden, meta_steps, attack_seeds = 500, (64, 64), args.meta_steps, args.attack_seeds
+        num_steps, hidden, meta_steps = 500, (64, 64), args.meta_steps
+        attack_seeds, seeds_per_step = args.attack_seeds, args.seeds_per_step
     base = mg.TrainingProblem(mg.MLP(hidden=hidden), optax.sgd(0.03, momentum=0.9), mg.mnist1d(),
                               num_steps=num_steps, lr_schedule=None)
     report = poisoning.audit(base, fraction=0.025, eps=args.eps, meta_steps=meta_steps,
-                             attack_seeds=tuple(range(attack_seeds)), eval_seeds=(100, 101, 102))
+                             attack_seeds=tuple(range(attack_seeds)), seeds_per_step=seeds_per_step or None,
+                             final_step_fraction=args.final_step_fraction, eval_seeds=(100, 101, 102))
     drop = report["drop_points"]["MGD poison"]
     report["goal_met"] = bool(drop >= 10 and report["ratio_to_best_baseline"] >= 3)
     report["model"] = f"MLP{hidden}, SGD momentum 0.9, LR 0.03, {num_steps} steps"

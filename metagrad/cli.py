@@ -51,6 +51,8 @@ def _audit_poison(args) -> int:
                            batch_size=min(args.batch_size, dataset.num_train), lr_schedule=None)
     report = poisoning.audit(base, fraction=args.fraction, eps=args.eps, meta_steps=args.meta_steps,
                              attack_seeds=tuple(range(args.attack_seeds)),
+                             seeds_per_step=args.seeds_per_step or None,
+                             final_step_fraction=args.final_step_fraction,
                              eval_seeds=tuple(range(1000, 1000 + args.eval_seeds)),
                              checkpoint_dir=os.path.join(args.out, "mgd_checkpoints"), progress=not args.no_progress)
     report["dataset"] = args.data
@@ -79,8 +81,13 @@ def main(argv=None) -> int:
     audit.add_argument("--out", default="poison_audit")
     audit.add_argument("--fraction", type=float, default=0.025, help="fraction of training inputs perturbed")
     audit.add_argument("--eps", type=float, default=2.0, help="L-inf bound of each perturbation")
-    audit.add_argument("--meta-steps", type=int, default=40)
-    audit.add_argument("--attack-seeds", type=int, default=4, help="training seeds the attack averages over")
+    audit.add_argument("--meta-steps", type=int, default=120)
+    audit.add_argument("--attack-seeds", type=int, default=4,
+                       help="fixed training seeds the attack averages over (with --seeds-per-step 0)")
+    audit.add_argument("--seeds-per-step", type=int, default=4,
+                       help="fresh training seeds (10000, 10001, ...) drawn at every meta-step; 0: use --attack-seeds")
+    audit.add_argument("--final-step-fraction", type=float, default=1.0,
+                       help="the signed step decays linearly from eps/8 to this fraction of it")
     audit.add_argument("--eval-seeds", type=int, default=3, help="fresh training seeds for the evaluation")
     audit.add_argument("--num-steps", type=int, default=500)
     audit.add_argument("--batch-size", type=int, default=128)

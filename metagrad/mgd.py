@@ -107,6 +107,7 @@ def mgd(
     checkpoint_dir: str | None = None,
     progress: bool = True,
     callback: Callable | None = None,
+    pass_meta_step: bool = False,
 ) -> MGDResult:
     """Minimize a metaobjective by projected first-order steps on its metagradient.
 
@@ -120,6 +121,9 @@ def mgd(
         a restarted call resumes from it.
       progress: show a progress bar.
       callback: called as ``callback(meta_step, meta, record)`` after each meta-step.
+      pass_meta_step: call ``value_and_metagrad(meta, meta_step)`` instead, e.g.
+        to draw fresh training seeds at each meta-step as a function of its
+        index (so a resumed run sees the same seeds).
 
     Each log record has ``meta_step``, ``objective`` (at the metaparameters before
     the step), ``metagrad_norm`` and ``seconds``. A non-finite metagradient raises
@@ -148,7 +152,7 @@ def mgd(
                            desc="MGD", disable=not progress)
         for i in bar:
             tic = time.perf_counter()
-            value, grad = value_and_metagrad(meta)
+            value, grad = value_and_metagrad(meta, i) if pass_meta_step else value_and_metagrad(meta)
             value = float(value)
             bad = nonfinite_paths(grad)
             if bad:

@@ -234,9 +234,13 @@ class TrainingProblem:
         rngs = {"dropout": rng} if (train and rng is not None) else None
         return self.model.apply({"params": params}, x, rngs=rngs, **kwargs)
 
+    def _run_key(self, meta):
+        """The key of batch order and dropout: ``meta["seed"]`` when present (see :meth:`value_and_metagrad_at_seed`)."""
+        return jax.random.key(meta["seed"]) if "seed" in meta else self._key()
+
     def training_batch(self, meta, t):
         """``(x, y, weights)`` of the batch of step ``t``, with poison and data weights applied."""
-        idx = batch_indices(jax.random.fold_in(self._key(), 1), t, self.data.num_train, self.batch_size)
+        idx = batch_indices(jax.random.fold_in(self._run_key(meta), 1), t, self.data.num_train, self.batch_size)
         x = jnp.asarray(self.data.x_train)[idx]
         y = jnp.asarray(self.data.y_train)[idx]
         if self.poison is not None:
@@ -254,7 +258,7 @@ class TrainingProblem:
         """One optimizer step on the batch of step ``t`` (pure; REPLAY's ``step``)."""
         params, opt_state = state["params"], state["opt_state"]
         x, y, weights = self.training_batch(meta, t)
-        rng = jax.random.fold_in(jax.random.fold_in(self._key(), 2), t)
+        rng = jax.random.fold_in(jax.random.fold_in(self._run_key(meta), 2), t)
         # the inputs the metagradient flows into (besides params) vs constants of the step
         diff, const = {}, {"y": y, "rng": rng}
         (diff if self.poison is not None else const)["x"] = x
@@ -306,6 +310,20 @@ class TrainingProblem:
         """``replay.value_and_metagrad`` of this problem's run (kwargs: ``k``, ``strategy``, ...)."""
         self.check_meta(meta)
         return replay.value_and_metagrad(self.step, self.objective, self.init_state(), meta, self.num_steps, **kwargs)
+
+    def value_and_metagrad_at_seed(self, meta, seed: int, **kwargs):
+        """``value_and_metagrad`` of the run with training seed ``seed``, compiled once for every seed.
+
+        Equal to ``dataclasses.replace(self, seed=seed).value_and_metagrad(meta)``,
+        but the seed of batch order and dropout enters the step as a traced
+        ``meta["seed"]`` (no gradient), so averaging metagradients over many
+        training seeds does not recompile REPLAY's programs for each.
+        """
+        self.check_meta(meta)
+        state0 = dataclasses.replace(self, seed=int(seed)).init_state()
+        seeded = {**meta, "seed": jnp.asarray(seed, jnp.int32)}
+        value, grad = replay.value_and_metagrad(self.step, self.objective, state0, seeded, self.num_steps, **kwargs)
+        return value, {name: g for name, g in grad.items() if name != "seed"}
 
 
 def shard_last_axis(axis: str, num_devices: int) -> Callable:

@@ -1,5 +1,6 @@
 """The MGD applications in reduced size: each shows its direction of effect."""
 
+import dataclasses
 import functools
 import json
 
@@ -65,7 +66,9 @@ def test_poison_raises_validation_loss_more_than_random_noise():
     base = mg.TrainingProblem(mg.MLP(hidden=(32,)), optax.sgd(0.05, momentum=0.9), data, num_steps=80,
                               batch_size=64, lr_schedule=None)
     spec = mg.Poison.random_subset(data.num_train, 0.05, eps=2.0, seed=0)
-    result = poisoning.optimize_poison(base, spec, meta_steps=6, attack_seeds=(0,), progress=False)
+    # fresh training seeds at every meta-step (10000 ..), none of them the evaluation's seed 0
+    result = poisoning.optimize_poison(base, spec, meta_steps=6, seeds_per_step=2, progress=False)
+    assert [h["meta_step"] for h in result.history] == list(range(6))
     delta = np.asarray(result.best_meta["poison"])
     assert np.abs(delta).max() <= 2.0 + 1e-6
 
@@ -79,6 +82,26 @@ def test_poison_raises_validation_loss_more_than_random_noise():
     assert attacked - clean > 2 * abs(noise - clean) and attacked > clean + 0.05
     with pytest.raises(ValueError, match="fresh seeds"):
         poisoning.audit(base, attack_seeds=(0,), eval_seeds=(0,))
+    with pytest.raises(ValueError, match="fresh seeds"):
+        poisoning.audit(base, meta_steps=3, seeds_per_step=2, eval_seeds=(poisoning.FRESH_SEED_START + 5,))
+
+
+def test_poison_seed_in_meta_matches_a_fixed_seed_run():
+    data = small_mnist1d()
+    base = mg.TrainingProblem(mg.MLP(hidden=(16,)), optax.sgd(0.05, momentum=0.9), data, num_steps=20,
+                              batch_size=64, lr_schedule=None)
+    spec = mg.Poison.random_subset(data.num_train, 0.05, eps=2.0, seed=0)
+    attack = mg.TrainingProblem(base.model, base.optimizer, data, num_steps=20, batch_size=64, lr_schedule=None,
+                                poison=spec, maximize=True, seed=3)
+    meta = attack.init_meta()
+    meta = {"poison": meta["poison"] + 0.5 * jnp.sin(jnp.arange(meta["poison"].size)).reshape(meta["poison"].shape)}
+    value, grad = attack.value_and_metagrad(meta, k=4)
+    # built from a seed-0 problem: the seed must come from meta["seed"], not the problem's own seed
+    seeded = poisoning.expected_value_and_metagrad(dataclasses.replace(attack, seed=0), attack_seeds=(3,), k=4)
+    value2, grad2 = seeded(meta, 0)
+    assert float(value2) == float(value)
+    np.testing.assert_array_equal(np.asarray(grad2["poison"]), np.asarray(grad["poison"]))
+    assert poisoning.fresh_attack_seeds(2, 3) == [poisoning.FRESH_SEED_START + 6 + j for j in range(3)]
 
 
 def test_sign_agreement_and_metasmoothness_diagnostic():
@@ -104,12 +127,13 @@ def test_audit_poison_command(tmp_path):
     np.savez(tmp_path / "toy.npz", x=x, y=(x[:, 0] > 0).astype(np.int32))
     out = tmp_path / "audit"
     code = main(["audit-poison", "--data", str(tmp_path / "toy.npz"), "--out", str(out), "--meta-steps", "2",
-                 "--attack-seeds", "1", "--eval-seeds", "2", "--num-steps", "20", "--batch-size", "32",
+                 "--seeds-per-step", "1", "--eval-seeds", "2", "--num-steps", "20", "--batch-size", "32",
                  "--hidden", "8", "--no-progress"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["test_accuracy"]) == {"clean", "random noise", "label flip", "MGD poison"}
     assert report["setting"]["num_poisoned"] == round(0.025 * 168)
+    assert report["setting"]["seeds_per_step"] == 1 and report["setting"]["attack_seed_range"] == [10000, 10001]
     assert (out / "poisoning.png").exists()
     with pytest.raises(SystemExit, match="arrays 'x' and 'y'"):
         np.savez(tmp_path / "bad.npz", inputs=x)

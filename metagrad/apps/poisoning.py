@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -19,7 +20,6 @@ from ..data import Dataset
 from ..meta import Poison
 from ..mgd import mgd
 from ..training import TrainingProblem
-from .common import averaged_value_and_metagrad
 
 
 def apply_poison(dataset: Dataset, spec: Poison, delta) -> Dataset:
@@ -46,43 +46,105 @@ def flip_poisoned_labels(dataset: Dataset, spec: Poison, seed: int = 0) -> Datas
     return dataset.with_train(dataset.x_train, y)
 
 
+FRESH_SEED_START = 10_000
+
+
+def fresh_attack_seeds(meta_step: int, seeds_per_step: int, start: int = FRESH_SEED_START) -> list[int]:
+    """The training seeds of meta-step ``meta_step`` when every meta-step draws new ones (a function of the index)."""
+    return [start + meta_step * seeds_per_step + j for j in range(seeds_per_step)]
+
+
+def expected_value_and_metagrad(problem: TrainingProblem, *, attack_seeds=(0, 1), seeds_per_step=None,
+                                seed_start: int = FRESH_SEED_START, **kwargs):
+    """``(meta, meta_step) -> (value, metagradient)`` averaged over training seeds.
+
+    With ``seeds_per_step=None`` the average is over the fixed ``attack_seeds``;
+    with ``seeds_per_step=n`` each meta-step trains from ``n`` new seeds
+    (:func:`fresh_attack_seeds`), a stochastic estimate of the expectation over
+    the training run's randomness (init and batch order), like expectation over
+    transformation in adversarial attacks.
+    """
+    def value_and_grad(meta, meta_step):
+        seeds = (list(attack_seeds) if seeds_per_step is None
+                 else fresh_attack_seeds(meta_step, seeds_per_step, seed_start))
+        total_value, total_grad = 0.0, None
+        for seed in seeds:
+            value, grad = problem.value_and_metagrad_at_seed(meta, seed, **kwargs)
+            total_value = total_value + value
+            total_grad = grad if total_grad is None else jax.tree.map(jnp.add, total_grad, grad)
+        return total_value / len(seeds), jax.tree.map(lambda g: g / len(seeds), total_grad)
+
+    return value_and_grad
+
+
+def attack_seeds_used(meta_steps: int, attack_seeds=(0, 1), seeds_per_step=None,
+                      seed_start: int = FRESH_SEED_START) -> set[int]:
+    """Every training seed the attack trains from."""
+    if seeds_per_step is None:
+        return set(attack_seeds)
+    return set(range(seed_start, seed_start + meta_steps * seeds_per_step))
+
+
 def optimize_poison(base: TrainingProblem, spec: Poison, *, meta_steps: int, step_size=None,
-                    attack_seeds=(0, 1), k: int = 8, checkpoint_dir=None, progress: bool = True):
+                    final_step_fraction: float = 1.0, attack_seeds=(0, 1), seeds_per_step=None,
+                    seed_start: int = FRESH_SEED_START, k: int = 8, checkpoint_dir=None, progress: bool = True):
     """MGD (signed gradient steps, as in projected-gradient attacks) maximizing validation loss.
 
-    The metagradient is averaged over training runs with ``attack_seeds`` so the
-    poison holds across the training run's randomness.
+    The metagradient is averaged over training runs with ``attack_seeds``, or,
+    with ``seeds_per_step=n``, over ``n`` fresh training seeds at every meta-step
+    (see :func:`expected_value_and_metagrad`), so the poison holds across the
+    training run's randomness. The step is ``step_size`` (default ``eps / 8``),
+    decayed linearly to ``final_step_fraction`` of it over the meta-steps.
+    With fresh seeds the per-step objective is a noisy estimate, so the
+    returned ``best_meta`` is the last iterate rather than the best-scoring one.
     """
     attack = dataclasses.replace(base, poison=spec, data_weights=None, maximize=True)
-    problems = [dataclasses.replace(attack, seed=s) for s in attack_seeds]
-    return mgd(averaged_value_and_metagrad(problems, k=k), attack.init_meta(),
-               optimizer=optax.sign_sgd(step_size if step_size is not None else spec.eps / 8),
-               num_meta_steps=meta_steps, project=attack.project_meta, checkpoint_dir=checkpoint_dir,
-               progress=progress)
+    step = step_size if step_size is not None else spec.eps / 8
+    if final_step_fraction != 1.0:
+        step = optax.linear_schedule(step, step * final_step_fraction, max(meta_steps - 1, 1))
+    result = mgd(expected_value_and_metagrad(attack, attack_seeds=attack_seeds, seeds_per_step=seeds_per_step,
+                                             seed_start=seed_start, k=k),
+                 attack.init_meta(), optimizer=optax.sign_sgd(step), num_meta_steps=meta_steps,
+                 project=attack.project_meta, checkpoint_dir=checkpoint_dir, progress=progress, pass_meta_step=True)
+    if seeds_per_step is not None:
+        result.best_meta = result.meta
+    return result
+
+
+def retrain_metrics(base: TrainingProblem, dataset: Dataset, seeds) -> list[dict]:
+    """``evaluate()`` of fresh models (one per seed) trained on ``dataset`` (loss and accuracy per split)."""
+    out = []
+    for seed in seeds:
+        problem = dataclasses.replace(base, data=dataset, seed=seed, poison=None, data_weights=None, maximize=False)
+        out.append(problem.evaluate(problem.init_meta()))
+    return out
 
 
 def retrain_accuracy(base: TrainingProblem, dataset: Dataset, seeds) -> list[float]:
     """Test accuracy of fresh models (one per seed) trained on ``dataset``."""
-    accs = []
-    for seed in seeds:
-        problem = dataclasses.replace(base, data=dataset, seed=seed, poison=None, data_weights=None, maximize=False)
-        accs.append(problem.evaluate(problem.init_meta())["test_accuracy"])
-    return accs
+    return [m["test_accuracy"] for m in retrain_metrics(base, dataset, seeds)]
 
 
 def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, meta_steps: int = 30,
-          attack_seeds=(0, 1), eval_seeds=(100, 101, 102), selection_seed: int = 0, k: int = 8,
+          attack_seeds=(0, 1), seeds_per_step=None, seed_start: int = FRESH_SEED_START, step_size=None,
+          final_step_fraction: float = 1.0, eval_seeds=(100, 101, 102), selection_seed: int = 0, k: int = 8,
           checkpoint_dir=None, progress: bool = True) -> dict:
     """Poison ``fraction`` of ``base``'s training set by MGD and compare with random noise and label flips.
 
-    Returns test accuracies on the clean and each poisoned set (retrained from
-    ``eval_seeds``, disjoint from ``attack_seeds``) and the drops in points.
+    The attack averages over ``attack_seeds`` or, with ``seeds_per_step=n``, over
+    ``n`` fresh training seeds per meta-step (seeds ``seed_start ...``); see
+    :func:`optimize_poison`. Returns test accuracies on the clean and each
+    poisoned set (retrained from ``eval_seeds``, disjoint from every seed the
+    attack trained from) and the drops in points.
     """
-    if set(attack_seeds) & set(eval_seeds):
+    used = attack_seeds_used(meta_steps, attack_seeds, seeds_per_step, seed_start)
+    if used & set(eval_seeds):
         raise ValueError("eval_seeds must differ from attack_seeds: the audit retrains from fresh seeds.")
     data = base.data
     spec = Poison.random_subset(data.num_train, fraction, eps, seed=selection_seed)
-    result = optimize_poison(base, spec, meta_steps=meta_steps, attack_seeds=attack_seeds, k=k,
+    result = optimize_poison(base, spec, meta_steps=meta_steps, step_size=step_size,
+                             final_step_fraction=final_step_fraction, attack_seeds=attack_seeds,
+                             seeds_per_step=seeds_per_step, seed_start=seed_start, k=k,
                              checkpoint_dir=checkpoint_dir, progress=progress)
     delta = np.asarray(result.best_meta["poison"])
     sets = {
@@ -91,19 +153,29 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
         "label flip": flip_poisoned_labels(data, spec, seed=selection_seed),
         "MGD poison": apply_poison(data, spec, delta),
     }
-    accuracy = {name: retrain_accuracy(base, ds, eval_seeds) for name, ds in sets.items()}
+    metrics = {name: retrain_metrics(base, ds, eval_seeds) for name, ds in sets.items()}
+    accuracy = {name: [m["test_accuracy"] for m in ms] for name, ms in metrics.items()}
     clean = float(np.mean(accuracy["clean"]))
     drops = {name: 100.0 * (clean - float(np.mean(a))) for name, a in accuracy.items() if name != "clean"}
     best_baseline = max(drops["random noise"], drops["label flip"])
+    if seeds_per_step is None:
+        seeds_desc = {"attack_seeds": list(attack_seeds)}
+    else:
+        seeds_desc = {"seeds_per_step": seeds_per_step,
+                      "attack_seed_range": [seed_start, seed_start + meta_steps * seeds_per_step - 1]}
     return {
         "setting": {"fraction": fraction, "num_poisoned": len(spec.indices), "eps": eps, "meta_steps": meta_steps,
-                    "attack_seeds": list(attack_seeds), "eval_seeds": list(eval_seeds),
+                    "step_size": step_size if step_size is not None else eps / 8,
+                    "final_step_fraction": final_step_fraction, **seeds_desc, "eval_seeds": list(eval_seeds),
                     "input_range": list(data.input_range)},
         "test_accuracy": accuracy,
+        "val_accuracy": {name: [m["val_accuracy"] for m in ms] for name, ms in metrics.items()},
+        "val_loss": {name: [m["val_loss"] for m in ms] for name, ms in metrics.items()},
         "drop_points": drops,
         "ratio_to_best_baseline": drops["MGD poison"] / best_baseline if best_baseline > 0 else float("inf"),
         "poison_indices": list(spec.indices),
         "poison_linf": float(np.abs(delta).max()),
+        "attack_seconds": float(sum(h["seconds"] for h in result.history)),
         "history": result.history,
     }
 
