@@ -19,6 +19,7 @@ weight trajectories (PNG) and DGA's wall-time overhead over uniform mixing.
 
     python experiments/dga_mixing.py            # full size (a few minutes on 2 CPU cores)
     python experiments/dga_mixing.py --quick    # reduced size (writes result_quick.json, dga_mixing_quick.png)
+    python experiments/dga_mixing.py --select   # DGA's step size / update interval by target *validation* loss
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class Config:
     num_target: int = 100
     domain_size: int = 2000
     seeds: tuple = (0, 1, 2)
-    step_size: float = 3.0
+    step_size: float = 3.0              # DGA with EMA; both picked by `--select` (target validation loss)
+    step_size_without_ema: float = 1.0  # DGA without EMA
     update_every: int = 100
     ema: float = 0.5
     alignment: str = "cosine"
@@ -113,7 +115,8 @@ def make_problem(method: str, seed: int, cfg: Config, domains, names, target, is
         return MixingProblem(domains=[(target.x_train, target.y_train)], domain_names=("target",), **common)
     dga = None
     if method in ("dga", "dga_ema"):
-        dga = DGA(step_size=cfg.step_size, update_every=cfg.update_every, ema=cfg.ema if method == "dga_ema" else 0.0,
+        step = cfg.step_size if method == "dga_ema" else cfg.step_size_without_ema
+        dga = DGA(step_size=step, update_every=cfg.update_every, ema=cfg.ema if method == "dga_ema" else 0.0,
                   alignment=cfg.alignment, domain_batch_size=cfg.domain_batch_size)
     init = is_weights if method == "importance" else None
     return MixingProblem(domains=domains, domain_names=names, dga=dga, init_weights=init, **common)
@@ -234,13 +237,51 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+SWEEP = {"step_size": (1.0, 3.0, 10.0), "update_every": (50, 100)}
+
+
+def select(cfg: Config, seeds=(0, 1), progress: bool = True) -> dict:
+    """Pick DGA's step size and update interval by the target *validation* loss (500 held-out target examples).
+
+    Sweeps ``SWEEP`` for DGA with and without EMA on ``seeds``; the test split is not looked at.
+    """
+    rows = []
+    jobs = [(step, every, method) for step in SWEEP["step_size"] for every in SWEEP["update_every"]
+            for method in ("dga", "dga_ema")]
+    data = {seed: build_data(seed, cfg) for seed in seeds}
+    for step, every, method in progress_bar(jobs, desc="dga selection", disable=not progress):
+        c = dataclasses.replace(cfg, step_size=step, step_size_without_ema=step, update_every=every)
+        val = []
+        for seed in seeds:
+            problem = make_problem(method, seed, c, *data[seed])
+            val.append(problem.evaluate(jax.block_until_ready(problem.train()))["val_loss"])
+        rows.append({"method": method, "step_size": step, "update_every": every, "val_loss": float(np.mean(val)),
+                     "per_seed": val})
+    best = {m: min((r for r in rows if r["method"] == m), key=lambda r: r["val_loss"]) for m in ("dga", "dga_ema")}
+    return {"seeds": list(seeds), "rows": rows, "best": best}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced size")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "dga_mixing"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--select", action="store_true",
+                        help="only sweep DGA's step size and update interval on the target validation loss")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
+    if args.select:
+        sel = select(cfg, progress=not args.no_progress)
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"selection{'_quick' if args.quick else ''}.json")
+        with open(path, "w") as f:
+            json.dump(sel, f, indent=1)
+        from metagrad.report import format_table
+
+        print(format_table(["method", "step size", "update every", "val loss (seeds 0, 1)"],
+                           [[r["method"], r["step_size"], r["update_every"], r["val_loss"]] for r in sel["rows"]]))
+        print(f"best: {sel['best']}\nwrote {path}")
+        return sel
     start = time.time()
     result = run(cfg, progress=not args.no_progress)
     result["wall_seconds"] = time.time() - start
