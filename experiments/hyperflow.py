@@ -15,6 +15,14 @@ rate, and HyperFlow's number of Euler steps and which interpolations its drift
 regresses on (straight paths only, or straight + piecewise-linear + cubic; both
 variants are reported), are picked on 100 tuning episodes of source A drawn
 apart from the reported ones.
+
+Bias mode (second table, :mod:`metagrad.hyperflow_bias`): the paper's
+parameter-efficient subset -- every bias of a wider backbone (MLP 40-512-64)
+plus the head -- is adapted, on the same episodes. Baselines: GD fine-tuning of
+that subset (backprop through the backbone each step; steps, head LR and bias LR
+tuned), full fine-tuning (tuned), no adaptation (pretrained biases, prototype
+head). HyperFlow's drift is meta-trained on simulated GD trajectories of the
+subset and integrated with a tuned number of Euler steps (forward passes only).
 """
 
 from __future__ import annotations
@@ -30,10 +38,14 @@ import numpy as np
 
 import metagrad as mg
 from metagrad import hyperflow as hf
+from metagrad import hyperflow_bias as hb
 from metagrad.progress import progress_bar
 from metagrad.report import format_table, pyplot, write_json
 
 WAYS, SHOTS, QUERIES = 5, 5, 15
+# bias mode: GD fine-tuning (steps, head LR, bias LR) grid, tuned on the tuning episodes
+BIAS_SETTINGS = tuple((s, lh, lb) for s in (30, 100) for lh in (3.0, 10.0) for lb in (1.0, 3.0, 10.0))
+BIAS_META_ITERS = 3000
 BASE, NOVEL = tuple(range(5)), tuple(range(5, 10))
 
 
@@ -77,6 +89,126 @@ def cost_per_episode(fn, args, tasks, num_timed):
             "peak_bytes": int(mem.temp_size_in_bytes + mem.output_size_in_bytes + mem.argument_size_in_bytes)}
 
 
+def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress):
+    """The paper's PEFT subset: all biases of a wider MLP backbone plus the head (:mod:`metagrad.hyperflow_bias`).
+
+    Every method starts from the pretrained biases and the prototype head. Baselines: GD fine-tuning of the
+    same subset (backprop through the backbone at every step; steps and the two learning rates tuned on the
+    tuning episodes) and full fine-tuning (every parameter). HyperFlow's Euler steps are tuned likewise.
+    """
+    hidden, scale = tuple(cfg["bias_hidden"]), 10.0
+    out = {"hidden": hidden}
+    backbone, pre = hf.pretrain_backbone(data_a, BASE, hidden=hidden, num_steps=cfg["pretrain_steps"])
+    out["pretraining"] = pre
+    print(f"[bias mode] backbone {hidden} pretrained: test accuracy {pre['test_accuracy']:.3f} "
+          f"({pre['seconds']:.1f} s)")
+
+    def acc(fn, tasks, *extra):
+        th = jax.jit(jax.vmap(functools.partial(fn, *extra, backbone)))(tasks["support_x"], tasks["support_y"])
+        if "biases" not in th:  # full fine-tuning returns {"backbone", "head"}
+            return np.asarray(jax.vmap(lambda b, h, x, y: hf.accuracy(h, hf.features(b, x, hidden), y))(
+                th["backbone"], th["head"], tasks["query_x"], tasks["query_y"]))
+        return np.asarray(jax.vmap(lambda t, x, y: hb.accuracy(t, backbone, x, y))(
+            th, tasks["query_x"], tasks["query_y"]))
+
+    def proto_fn(bb, sx, sy):
+        return hb.init_theta(bb, sx, jax.nn.one_hot(sy, WAYS), scale)
+
+    def ft_fn(steps, lr_head, lr_bias):
+        return lambda bb, sx, sy: hb.finetune(bb, sx, sy, lr_bias=lr_bias, lr_head=lr_head, num_steps=steps,
+                                              ways=WAYS, scale=scale)
+
+    def full_fn(lr, steps):
+        return lambda bb, sx, sy: hf.finetune_full(bb, sx, sy, lr=lr, num_steps=steps, hidden=hidden, ways=WAYS,
+                                                   scale=scale)
+
+    grid = {}
+    for setting in progress_bar(cfg["bias_settings"], desc="[bias mode] tuning fine-tuning", disable=not progress):
+        grid[("bias",) + tuple(setting)] = float(acc(ft_fn(*setting), tuning).mean())
+    for lr in cfg["full_lrs"]:
+        for steps in cfg["full_steps"]:
+            grid[("full", lr, steps)] = float(acc(full_fn(lr, steps), tuning).mean())
+    best_bias = max((k for k in grid if k[0] == "bias"), key=grid.get)[1:]
+    best_full = max((k for k in grid if k[0] == "full"), key=grid.get)[1:]
+    out["tuning"] = [{"method": k[0], "setting": k[1:], "accuracy": v} for k, v in grid.items()]
+    out["tuning_proto_accuracy"] = float(acc(proto_fn, tuning).mean())
+    steps, lr_head, lr_bias = best_bias
+    print(f"[bias mode] tuned: biases+head GD {steps} steps, head lr {lr_head}, bias lr {lr_bias}; full FT lr "
+          f"{best_full[0]} x {best_full[1]} steps")
+
+    # ---- meta-train the drift on simulated (biases, head) fine-tuning trajectories
+    mt = {k: v[:cfg["bias_meta_tasks"]] for k, v in meta_tasks.items()}
+    tic = time.perf_counter()
+    traj = hb.simulate_trajectories(backbone, jnp.asarray(mt["support_x"]), jnp.asarray(mt["support_y"]),
+                                    jax.random.key(0), lr_bias, lr_head, num_steps=steps, num_knots=10,
+                                    num_starts=cfg["bias_starts"], ways=WAYS, scale=scale)
+    jax.block_until_ready(traj)
+    sim_seconds = time.perf_counter() - tic
+    tic = time.perf_counter()
+    dcfg0 = hb.BiasDriftConfig(head=hf.DriftConfig(ways=WAYS, hidden=64, scale=scale), hidden=cfg["bias_drift_hidden"])
+    phi, dcfg, history = hb.meta_train(traj, backbone, dcfg0, num_iters=cfg["bias_meta_iters"], batch_tasks=32,
+                                       learning_rate=3e-3, progress=progress)
+    jax.block_until_ready(phi)
+    fit_seconds = time.perf_counter() - tic
+    out["meta_training"] = {
+        "seconds": sim_seconds + fit_seconds, "simulation_seconds": sim_seconds, "tasks": len(mt["support_x"]),
+        "starts": cfg["bias_starts"], "knots": 10, "iterations": cfg["bias_meta_iters"], "interpolations": ("linear",),
+        "drift_parameters": int(sum(a.size for a in jax.tree.leaves(phi))), "loss_history": history,
+        "per_leaf_relative_error": hb.per_leaf_fit(phi, dcfg, traj, backbone),
+        "emulated_run": {"steps": steps, "lr_head": lr_head, "lr_bias": lr_bias}}
+    del traj
+
+    def hf_fn(n):
+        return lambda p, bb, sx, sy: hb.adapt(p, bb, sx, sy, config=dcfg, num_steps=n)
+
+    hf_grid = {n: float(acc(hf_fn(n), tuning, phi).mean()) for n in cfg["euler_steps"]}
+    out["tuning_hyperflow"] = [{"euler_steps": n, "accuracy": v} for n, v in hf_grid.items()]
+    n_euler = max(hf_grid, key=hf_grid.get)
+    print(f"[bias mode] meta-training {sim_seconds + fit_seconds:.1f} s (simulation {sim_seconds:.1f} s); "
+          f"Euler steps picked: {n_euler} (tuning {hf_grid})")
+
+    methods = {
+        "no adaptation (pretrained biases, prototypes)": (proto_fn, ()),
+        f"fine-tune biases+head (GD, {steps} steps, lr head {lr_head}, biases {lr_bias})": (ft_fn(*best_bias), ()),
+        f"full fine-tune (GD, lr {best_full[0]}, {best_full[1]} steps)": (full_fn(*best_full), ()),
+        f"HyperFlow[biases+head] ({n_euler} Euler steps)": (hf_fn(n_euler), (phi,)),
+    }
+    names = list(methods)
+    costs = {name: cost_per_episode(fn, (*extra, backbone), test[next(iter(test))], cfg["timed"])
+             for name, (fn, extra) in progress_bar(methods.items(), desc="[bias mode] timing", disable=not progress)}
+    results, rows = {}, []
+    for source, tasks in test.items():
+        accs = {name: acc(fn, tasks, *extra) for name, (fn, extra) in methods.items()}
+        base, ft, hfa = accs[names[0]], accs[names[1]], accs[names[3]]
+        gain_ft, gain_hf = float(ft.mean() - base.mean()), float(hfa.mean() - base.mean())
+        results[source] = {
+            "accuracy": {n: dict(zip(("mean", "ci95"), ci95(a)), values=a.tolist()) for n, a in accs.items()},
+            "gain_finetune_subset": gain_ft, "gain_full_finetune": float(accs[names[2]].mean() - base.mean()),
+            "gain_hyperflow": gain_hf, "recovered_fraction": gain_hf / gain_ft if gain_ft > 0 else float("nan"),
+            "hyperflow_minus_proto_ci95": ci95(hfa - base)[1], "finetune_minus_proto_ci95": ci95(ft - base)[1],
+            "hyperflow_minus_finetune_ci95": ci95(hfa - ft)[1]}
+        for name in names:
+            m, h = ci95(accs[name])
+            c = costs[name]
+            rows.append((source[:1], name, f"{m:.4f} +- {h:.4f}", f"{1e3 * c['seconds_median']:.3f}",
+                         f"{c['alloc_bytes'] / 1024:.1f}", f"{c['peak_bytes'] / 1024:.1f}"))
+    ratios = {other: {"time": costs[other]["seconds_median"] / costs[names[3]]["seconds_median"],
+                      "alloc_memory": costs[other]["alloc_bytes"] / costs[names[3]]["alloc_bytes"],
+                      "peak_memory": costs[other]["peak_bytes"] / costs[names[3]]["peak_bytes"]}
+              for other in names[1:3]}
+    goals = {
+        "recovers_90pct_of_subset_finetuning_gain": {s: r["recovered_fraction"] >= 0.9 for s, r in results.items()},
+        "10x_faster_than_subset_finetuning": ratios[names[1]]["time"] >= 10,
+        "10x_less_alloc_memory_than_subset_finetuning": ratios[names[1]]["alloc_memory"] >= 10,
+        "10x_less_peak_memory_than_subset_finetuning": ratios[names[1]]["peak_memory"] >= 10,
+        "10x_faster_than_full_finetuning": ratios[names[2]]["time"] >= 10,
+        "10x_less_alloc_memory_than_full_finetuning": ratios[names[2]]["alloc_memory"] >= 10,
+    }
+    out.update(names=names, results=results, costs=costs, ratios_vs_hyperflow=ratios, goals=goals, rows=rows,
+               euler_steps=n_euler)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced size (about a minute)")
@@ -86,11 +218,14 @@ def main():
     quick, progress = args.quick, not args.no_progress
     cfg = dict(num_samples=20000, pretrain_steps=4000, meta_tasks=1024, meta_iters=3000, episodes=300,
                tuning_episodes=100, timed=100, head_lrs=(0.3, 1.0, 3.0, 10.0), head_steps=(10, 30, 100, 300),
-               full_lrs=(0.03, 0.1, 0.3), full_steps=(10, 30, 100), euler_steps=(1, 2, 4, 8))
+               full_lrs=(0.03, 0.1, 0.3), full_steps=(10, 30, 100), euler_steps=(1, 2, 4, 8),
+               bias_hidden=(512, 64), bias_settings=BIAS_SETTINGS, bias_meta_tasks=1024, bias_starts=1,
+               bias_meta_iters=BIAS_META_ITERS, bias_drift_hidden=16)
     if quick:
         cfg.update(num_samples=6000, pretrain_steps=1000, meta_tasks=256, meta_iters=600, episodes=60,
                    tuning_episodes=40, timed=20, head_lrs=(1.0, 3.0), head_steps=(30, 100), full_lrs=(0.1,),
-                   full_steps=(10, 30), euler_steps=(2, 4))
+                   full_steps=(10, 30), euler_steps=(2, 4), bias_settings=((100, 10.0, 3.0), (30, 10.0, 3.0)),
+                   bias_meta_tasks=256, bias_meta_iters=300)
     hidden, scale = (128, 64), 10.0
     report = {"config": {**cfg, "hidden": hidden, "scale": scale, "ways": WAYS, "shots": SHOTS, "queries": QUERIES,
                          "base_classes": BASE, "novel_classes": NOVEL}, "device": str(jax.devices()[0])}
@@ -228,6 +363,8 @@ def main():
         "10x_faster_than_full_finetuning": ratios[names[2]]["time"] >= 10,
         "10x_less_alloc_memory_than_full_finetuning": ratios[names[2]]["alloc_memory"] >= 10,
     }
+    bias = bias_mode(cfg, data_a, test, tuning, meta_tasks, progress)
+    report["bias_mode"] = {k: v for k, v in bias.items() if k != "rows"}
     report.update(results=results, costs=costs, ratios_vs_hyperflow=ratios, goals=goals,
                   total_seconds=time.perf_counter() - t_start,
                   memory_method="XLA compiled memory_analysis() of the single-episode adaptation program: "
@@ -237,7 +374,8 @@ def main():
 
     # ---- plot
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, all_axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    axes = all_axes[0]
     short = ["prototypes", "FT head", "full FT", f"HyperFlow[{primary}]", f"HyperFlow[{other}]"]
     for j, (source, r) in enumerate(results.items()):
         means = [r["accuracy"][n]["mean"] for n in names]
@@ -258,6 +396,26 @@ def main():
     axes[2].legend()
     axes[2].set(yscale="log", xlabel="meta-training iteration", ylabel="velocity regression loss",
                 title=f"meta-training h_phi ({meta_seconds:.0f} s each)")
+    axes = all_axes[1]
+    bnames, bshort = bias["names"], ["prototypes", "FT biases+head", "full FT", "HyperFlow[biases+head]"]
+    for j, (source, r) in enumerate(bias["results"].items()):
+        axes[0].bar(np.arange(len(bnames)) + 0.4 * j, [r["accuracy"][n]["mean"] for n in bnames], 0.4,
+                    yerr=[r["accuracy"][n]["ci95"] for n in bnames], capsize=3, label=source)
+    axes[0].set_xticks(np.arange(len(bnames)) + 0.2, bshort, fontsize=7, rotation=15)
+    lo = min(r["accuracy"][n]["mean"] for r in bias["results"].values() for n in bnames)
+    axes[0].set(ylim=(lo - 0.05, None), ylabel="query accuracy (95% CI)",
+                title=f"bias mode: backbone {bias['hidden']}, biases + head adapted")
+    axes[0].legend(fontsize=7)
+    for name, sh in zip(bnames, bshort):
+        c = bias["costs"][name]
+        axes[1].scatter(1e3 * c["seconds_median"], c["alloc_bytes"] / 1024, label=sh)
+    axes[1].set(xscale="log", yscale="log", xlabel="adaptation time per episode (ms)",
+                ylabel="allocated memory (KiB, XLA)", title="bias mode: adaptation cost")
+    axes[1].legend()
+    h = bias["meta_training"]["loss_history"]
+    axes[2].plot(np.arange(1, len(h) + 1) * 100, h)
+    axes[2].set(yscale="log", xlabel="meta-training iteration", ylabel="velocity regression loss",
+                title=f"bias mode: meta-training h_phi ({bias['meta_training']['seconds']:.0f} s)")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "hyperflow.png"), dpi=110)
 
@@ -275,7 +433,23 @@ def main():
           f"pretraining {pre['seconds']:.1f} s; total {report['total_seconds']:.0f} s")
     for goal, met in goals.items():
         print(f"goal {goal}: {met}")
-    print(f"wrote {args.out}/result.json and hyperflow.png")
+    print(f"\nbias mode: backbone {bias['hidden']}, adapted subset = all biases + head")
+    print(format_table(("src", "method", "accuracy +- 95% CI", "time ms", "alloc KiB", "peak KiB"), bias["rows"]))
+    for source, r in bias["results"].items():
+        print(f"{source}: HyperFlow[biases+head] recovers {100 * r['recovered_fraction']:.0f}% of subset "
+              f"fine-tuning's gain ({r['gain_hyperflow']:+.4f} +- {r['hyperflow_minus_proto_ci95']:.4f} vs "
+              f"{r['gain_finetune_subset']:+.4f} +- {r['finetune_minus_proto_ci95']:.4f}; full FT "
+              f"{r['gain_full_finetune']:+.4f})")
+    for other, q in bias["ratios_vs_hyperflow"].items():
+        print(f"vs {other}: {q['time']:.1f}x time, {q['alloc_memory']:.1f}x allocated memory, "
+              f"{q['peak_memory']:.1f}x peak memory")
+    bm = bias["meta_training"]
+    print(f"bias mode one-off meta-training: {bm['seconds']:.1f} s (simulation {bm['simulation_seconds']:.1f} s, "
+          f"{bm['tasks']} tasks x {bm['starts']} starts); drift parameters {bm['drift_parameters']}; "
+          f"per-leaf relative error {bm['per_leaf_relative_error']}")
+    for goal, met in bias["goals"].items():
+        print(f"bias mode goal {goal}: {met}")
+    print(f"total {time.perf_counter() - t_start:.0f} s; wrote {args.out}/result.json and hyperflow.png")
 
 
 if __name__ == "__main__":

@@ -456,6 +456,51 @@ def _velocity_rms(knots):
     return float(jnp.sqrt(sq / size))
 
 
+def interpolated_sample(knots, task, start, s, kind_index, kinds):
+    """``(theta(s), d theta/ds)`` on trajectory ``(task, start)`` of ``knots`` under interpolation ``kinds[kind_index]``."""
+    path = jax.tree.map(lambda a: a[task, start], knots)
+    branches = [functools.partial(interpolate, kind=k) for k in kinds]
+    return lax.switch(kind_index, [lambda pth, ss, b=b: b(pth, ss) for b in branches], path, s)
+
+
+def regress_drift(sample_loss, phi, *, num_tasks, num_starts, num_kinds, batch_tasks, learning_rate, num_iters,
+                  seed, chunk, progress, desc):
+    """Adam (cosine-decayed LR) on ``sample_loss(phi, task, start, s, kind)`` averaged over random draws.
+
+    Each iteration draws ``batch_tasks`` distinct tasks and, per task, a start,
+    a time ``s ~ U[0, 1]`` and an interpolation kind; ``chunk`` iterations run
+    in one compiled ``lax.scan``. Returns ``(phi, history)``: the mean loss of each chunk.
+    """
+    batch_tasks = min(batch_tasks, num_tasks)
+    opt = optax.adam(optax.cosine_decay_schedule(learning_rate, num_iters, 0.05))
+    opt_state = opt.init(phi)
+
+    def loss_fn(phi, key):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        tasks = jax.random.choice(k1, num_tasks, (batch_tasks,), replace=False)
+        starts = jax.random.randint(k2, (batch_tasks,), 0, num_starts)
+        s = jax.random.uniform(k3, (batch_tasks,))
+        kind = jax.random.randint(k4, (batch_tasks,), 0, num_kinds)
+        return jnp.mean(jax.vmap(sample_loss, (None, 0, 0, 0, 0))(phi, tasks, starts, s, kind))
+
+    @jax.jit
+    def run_chunk(phi, opt_state, start):
+        def body(carry, i):
+            phi, opt_state = carry
+            loss, g = jax.value_and_grad(loss_fn)(phi, jax.random.fold_in(jax.random.key(seed + 1), i))
+            updates, opt_state = opt.update(g, opt_state, phi)
+            return (optax.apply_updates(phi, updates), opt_state), loss
+
+        (phi, opt_state), losses = lax.scan(body, (phi, opt_state), start + jnp.arange(chunk))
+        return phi, opt_state, losses
+
+    history = []
+    for c in progress_bar(range(-(-num_iters // chunk)), desc=desc, disable=not progress):
+        phi, opt_state, losses = run_chunk(phi, opt_state, c * chunk)
+        history.append(float(jnp.mean(losses)))
+    return phi, history
+
+
 def meta_train(trajectories, config: DriftConfig, *, num_iters=2000, batch_tasks=32, learning_rate=3e-3,
                interpolations=INTERPOLATIONS, seed=0, chunk=100, progress=True):
     """Regress ``h_phi`` on the velocities of interpolated fine-tuning trajectories (Sec. 3.2).
@@ -475,43 +520,17 @@ def meta_train(trajectories, config: DriftConfig, *, num_iters=2000, batch_tasks
     config = dataclasses.replace(config, ways=int(y1h.shape[-1]), velocity_scale=float(trajectories["time_scale"]))
     rms = _velocity_rms(knots)
     num_tasks, num_starts = feats.shape[0], jax.tree.leaves(knots)[0].shape[1]
-    batch_tasks = min(batch_tasks, num_tasks)
-    phi = init_drift(jax.random.key(seed), config)
-    opt = optax.adam(optax.cosine_decay_schedule(learning_rate, num_iters, 0.05))
-    opt_state = opt.init(phi)
     kinds = tuple(interpolations)
 
     def sample_loss(phi, task, r, s, kind_index):
-        path = jax.tree.map(lambda a: a[task, r], knots)
-        branches = [functools.partial(interpolate, kind=k) for k in kinds]
-        point, target = lax.switch(kind_index, [lambda pth, ss, b=b: b(pth, ss) for b in branches], path, s)
+        point, target = interpolated_sample(knots, task, r, s, kind_index, kinds)
         pred = drift(phi, point, s, feats[task], y1h[task], config)
         err = sum(jnp.sum((p - q) ** 2) for p, q in zip(jax.tree.leaves(pred), jax.tree.leaves(target)))
         size = sum(q.size for q in jax.tree.leaves(target))
         return err / (size * rms**2)
 
-    def loss_fn(phi, key):
-        k1, k2, k3, k4 = jax.random.split(key, 4)
-        tasks = jax.random.choice(k1, num_tasks, (batch_tasks,), replace=False)
-        starts = jax.random.randint(k2, (batch_tasks,), 0, num_starts)
-        s = jax.random.uniform(k3, (batch_tasks,))
-        kind = jax.random.randint(k4, (batch_tasks,), 0, len(kinds))
-        return jnp.mean(jax.vmap(sample_loss, (None, 0, 0, 0, 0))(phi, tasks, starts, s, kind))
-
-    @jax.jit
-    def run_chunk(phi, opt_state, start):
-        def body(carry, i):
-            phi, opt_state = carry
-            loss, g = jax.value_and_grad(loss_fn)(phi, jax.random.fold_in(jax.random.key(seed + 1), i))
-            updates, opt_state = opt.update(g, opt_state, phi)
-            return (optax.apply_updates(phi, updates), opt_state), loss
-
-        (phi, opt_state), losses = lax.scan(body, (phi, opt_state), start + jnp.arange(chunk))
-        return phi, opt_state, losses
-
-    history = []
-    num_chunks = -(-num_iters // chunk)
-    for c in progress_bar(range(num_chunks), desc="meta-training h_phi", disable=not progress):
-        phi, opt_state, losses = run_chunk(phi, opt_state, c * chunk)
-        history.append(float(jnp.mean(losses)))
+    phi, history = regress_drift(sample_loss, init_drift(jax.random.key(seed), config), num_tasks=num_tasks,
+                                 num_starts=num_starts, num_kinds=len(kinds), batch_tasks=batch_tasks,
+                                 learning_rate=learning_rate, num_iters=num_iters, seed=seed, chunk=chunk,
+                                 progress=progress, desc="meta-training h_phi")
     return phi, config, history

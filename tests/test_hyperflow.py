@@ -107,14 +107,21 @@ def test_adapt_explicit_head_and_errors():
         hf.sample_tasks(x, y, [0, 1, 2], 1, ways=5)
 
 
-def test_reduced_experiment_hyperflow_beats_no_adaptation():
-    """Pretrain on classes 0-4, meta-train h_phi on held-out 0-4 tasks, evaluate on 5-9 (reduced sizes)."""
+@pytest.fixture(scope="module")
+def reduced_setup():
+    """A backbone pretrained on classes 0-4, meta-training tasks on held-out 0-4 examples, test tasks on 5-9."""
     data = mg.mnist1d(num_samples=4000, num_val=800)
     base, novel = range(5), range(5, 10)
     backbone, _ = hf.pretrain_backbone(data, base, hidden=HIDDEN, num_steps=500, learning_rate=3e-3)
     pool = hf.class_subset(np.concatenate([data.x_val, data.x_test]), np.concatenate([data.y_val, data.y_test]), base)
     meta_tasks = hf.sample_tasks(*pool, base, 96, seed=1, transforms=tuple(hf.TRANSFORMS))
     test = hf.sample_tasks(*hf.class_subset(data.x_train, data.y_train, novel), novel, 100, seed=2)
+    return backbone, meta_tasks, test
+
+
+def test_reduced_experiment_hyperflow_beats_no_adaptation(reduced_setup):
+    """Pretrain on classes 0-4, meta-train h_phi on held-out 0-4 tasks, evaluate on 5-9 (reduced sizes)."""
+    backbone, meta_tasks, test = reduced_setup
     lr, steps, scale = 3.0, 50, 10.0
     traj = hf.simulate_trajectories(backbone, meta_tasks["support_x"], meta_tasks["support_y"], jax.random.key(0),
                                     lr, num_steps=steps, num_knots=10, num_starts=2, hidden=HIDDEN, ways=5,
@@ -133,3 +140,78 @@ def test_reduced_experiment_hyperflow_beats_no_adaptation():
     flow = accuracy(lambda x, y: model.adapt({"backbone": backbone}, (x, y), num_steps=4)["head"])
     diff = flow - proto
     assert diff.mean() > 0, (proto.mean(), flow.mean())
+
+
+# ----------------------------------------------------------------------------- bias mode (biases + head)
+
+
+def _tiny_bias_model(seed=0):
+    from metagrad import hyperflow_bias as hb
+
+    backbone = hf.feature_model(HIDDEN).init(jax.random.key(seed), jnp.zeros((1, 40)))["params"]
+    config = hb.BiasDriftConfig(head=hf.DriftConfig(ways=3, hidden=8, velocity_scale=2.0), hidden=4,
+                                bias_scales=(0.5,) * len(HIDDEN))
+    return hb.init_drift(jax.random.key(seed + 1), config, len(HIDDEN)), config, backbone
+
+
+def test_bias_mode_forward_matches_features_and_finetune_moves_biases():
+    from metagrad import hyperflow_bias as hb
+
+    _, _, backbone = _tiny_bias_model()
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(6, 40)), jnp.float32)
+    y = jnp.asarray([0, 0, 1, 1, 2, 2])
+    np.testing.assert_allclose(hb.features(backbone, hb.get_biases(backbone), x), hf.features(backbone, x, HIDDEN),
+                               atol=1e-6)
+    theta = hb.finetune(backbone, x, y, lr_bias=0.5, lr_head=1.0, num_steps=3, ways=3, scale=10.0)
+    start = hb.init_theta(backbone, x, jax.nn.one_hot(y, 3), 10.0)
+    assert float(hb.loss(theta, backbone, x, jax.nn.one_hot(y, 3))) < float(hb.loss(start, backbone, x,
+                                                                                    jax.nn.one_hot(y, 3)))
+    for name in theta["biases"]:
+        assert float(jnp.max(jnp.abs(theta["biases"][name] - start["biases"][name]))) > 0
+
+
+def test_bias_mode_adapt_calls_no_gradient(monkeypatch):
+    from metagrad import hyperflow_bias as hb
+
+    phi, config, backbone = _tiny_bias_model()
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(9, 40)), jnp.float32)
+    y = jnp.asarray(np.repeat(np.arange(3), 3), jnp.int32)
+    jax.clear_caches()
+    calls = _count_autodiff_calls(monkeypatch)
+    theta = hb.adapt(phi, backbone, x, y, config=config, num_steps=3)
+    assert calls == []
+    start = hb.init_theta(backbone, x, jax.nn.one_hot(y, 3), config.head.scale)
+    for name in theta["biases"]:  # every adapted bias layer moved, as did the head
+        assert float(jnp.max(jnp.abs(theta["biases"][name] - start["biases"][name]))) > 0
+    assert float(jnp.max(jnp.abs(theta["head"]["kernel"] - start["head"]["kernel"]))) > 0
+    jax.jit(lambda b, xx: hb.finetune(b, xx, y, lr_bias=0.1, lr_head=0.1, num_steps=2, ways=3, scale=10.0))(
+        backbone, x)
+    assert "grad" in calls  # control
+
+
+def test_reduced_bias_mode_hyperflow_beats_no_adaptation(reduced_setup, monkeypatch):
+    """Bias mode, reduced: meta-train on (biases, head) GD trajectories; adapt with no gradient; beat prototypes."""
+    from metagrad import hyperflow_bias as hb
+
+    backbone, meta_tasks, test = reduced_setup
+    traj = hb.simulate_trajectories(backbone, jnp.asarray(meta_tasks["support_x"]),
+                                    jnp.asarray(meta_tasks["support_y"]), jax.random.key(0), 1.0, 3.0,
+                                    num_steps=50, num_knots=10, num_starts=1, ways=5, scale=10.0)
+    config = hb.BiasDriftConfig(head=hf.DriftConfig(hidden=16, scale=10.0), hidden=8)
+    phi, config, history = hb.meta_train(traj, backbone, config, num_iters=200, batch_tasks=16,
+                                         learning_rate=1e-2, chunk=50, progress=False)
+    assert history[-1] < 0.8 * history[0]
+
+    def accuracy(adapt):
+        theta = jax.jit(jax.vmap(adapt))(test["support_x"], test["support_y"])
+        return np.asarray(jax.vmap(lambda t, x, y: hb.accuracy(t, backbone, x, y))(theta, test["query_x"],
+                                                                                   test["query_y"]))
+
+    proto = accuracy(lambda x, y: hb.init_theta(backbone, x, jax.nn.one_hot(y, 5), 10.0))
+    jax.clear_caches()
+    calls = _count_autodiff_calls(monkeypatch)
+    flow = accuracy(lambda x, y: hb.adapt(phi, backbone, x, y, config=config, num_steps=4))
+    assert calls == []
+    print("bias mode reduced:", proto.mean(), flow.mean())
+    assert (flow - proto).mean() > 0, (proto.mean(), flow.mean())
