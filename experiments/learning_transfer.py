@@ -1,6 +1,10 @@
 """Learning transfer (Chijiwa, ICLR 2024) on MNIST-1D: move a training trajectory onto a new initialization.
 
-    python experiments/learning_transfer.py [--quick] [--out experiments/results/learning_transfer]
+    python experiments/learning_transfer.py [--quick | --config momentum] [--out experiments/results/learning_transfer]
+
+The default setting trains experiment 1 with plain SGD at LR 0.05 (T = 40
+trajectory points); ``--config momentum`` is the earlier momentum-SGD LR 0.1
+setting, kept for comparison (its output goes to ``--out``).
 
 1. Same task, new initialization: an MLP trained from init A (the source
    trajectory) is transferred to inits B (several seeds) by GMT and FGMT, with
@@ -32,17 +36,32 @@ from metagrad.report import format_table, mean_std, pyplot, write_json
 from metagrad.trajectory import record_trajectory
 
 CONFIG = {
-    "full": {"hidden": (128, 128), "lr": 0.1, "steps": 1000, "points": 20, "grad_batch": 2048, "seeds": (1, 2, 3),
-             "pretrain_steps": 1000, "finetune_steps": 500, "finetune_lr": 0.01, "eval_every": 25, "budget": 2},
-    "quick": {"hidden": (64, 64), "lr": 0.1, "steps": 300, "points": 8, "grad_batch": 1024, "seeds": (1,),
-              "pretrain_steps": 300, "finetune_steps": 200, "finetune_lr": 0.01, "eval_every": 25, "budget": 2},
+    # Experiment 1 trains with plain SGD at LR 0.05 so that the learned displacement does not swamp the
+    # initialization (naive transfer then stays near chance); chosen on validation accuracy, see BUILD_NOTES.md.
+    "full": {"hidden": (128, 128), "optimizer": "sgd", "lr": 0.05, "steps": 1000, "points": 40, "grad_batch": 2048,
+             "seeds": (1, 2, 3), "pretrain_optimizer": "sgdm", "pretrain_lr": 0.1, "pretrain_steps": 1000,
+             "finetune_optimizer": "sgdm", "finetune_lr": 0.01, "finetune_steps": 500, "finetune_points": 20,
+             "eval_every": 25, "budget": 2},
+    # The earlier setting (momentum SGD at LR 0.1): the displacement dominates the initialization, so naive
+    # transfer is far above chance; kept for comparison (--config momentum).
+    "momentum": {"hidden": (128, 128), "optimizer": "sgdm", "lr": 0.1, "steps": 1000, "points": 20,
+                 "grad_batch": 2048, "seeds": (1, 2, 3), "pretrain_optimizer": "sgdm", "pretrain_lr": 0.1,
+                 "pretrain_steps": 1000, "finetune_optimizer": "sgdm", "finetune_lr": 0.01, "finetune_steps": 500,
+                 "finetune_points": 20, "eval_every": 25, "budget": 2},
+    "quick": {"hidden": (64, 64), "optimizer": "sgd", "lr": 0.05, "steps": 300, "points": 8, "grad_batch": 1024,
+              "seeds": (1,), "pretrain_optimizer": "sgdm", "pretrain_lr": 0.1, "pretrain_steps": 300,
+              "finetune_optimizer": "sgdm", "finetune_lr": 0.01, "finetune_steps": 200, "finetune_points": 8,
+              "eval_every": 25, "budget": 2},
 }
 
-START_POINTS = ("init", "naive", "FGMT", "GMT", "oracle")
+START_POINTS = ("init", "naive", "FGMT", "GMT", "oracle", "oracle_grad")
+LABELS1 = {"init": "init B (untrained)", "naive": "naive (no permutation)", "FGMT": "FGMT", "GMT": "GMT",
+           "oracle": "oracle: displacements of the real target run", "oracle_grad": "oracle: gradients on the real target run"}
+OPTIMIZERS = {"sgdm": lambda lr: optax.sgd(lr, momentum=0.9), "sgd": optax.sgd, "adam": optax.adam}
 
 
-def make_problem(cfg, data, seed, num_steps, lr):
-    return mg.TrainingProblem(mg.MLP(hidden=cfg["hidden"]), optax.sgd(lr, momentum=0.9), data,
+def make_problem(cfg, data, seed, num_steps, lr, optimizer=None):
+    return mg.TrainingProblem(mg.MLP(hidden=cfg["hidden"]), OPTIMIZERS[optimizer or cfg["optimizer"]](lr), data,
                               num_steps=num_steps, batch_size=128, seed=seed, lr_schedule=None)
 
 
@@ -79,7 +98,8 @@ def transfer_all(spec, source, target_start, grad_fn, target_traj=None):
         cost[name] = {"seconds": time.perf_counter() - tic, "grad_evals": result.grad_evals}
         out[name] = result.params
     if target_traj is not None:
-        out["oracle"] = tr.oracle(spec, source, target_traj, grad_fn).params
+        out["oracle"] = tr.oracle(spec, source, target_traj, match="displacements").params
+        out["oracle_grad"] = tr.oracle(spec, source, target_traj, grad_fn, match="gradients").params
     return out, cost
 
 
@@ -120,12 +140,13 @@ def experiment_base_update(cfg, data, progress):
     task2 = second_task()
     bases = {}
     for name, seed in (("A", 0), ("B", 1)):
-        pre = make_problem(cfg, data, seed, cfg["pretrain_steps"], cfg["lr"])
+        pre = make_problem(cfg, data, seed, cfg["pretrain_steps"], cfg["pretrain_lr"], cfg["pretrain_optimizer"])
         bases[name] = pre.train({})["params"]
-    base_acc_task1 = {k: accuracy_fn(make_problem(cfg, data, 0, 1, cfg["lr"]))(v) for k, v in bases.items()}
+    base_acc_task1 = {k: accuracy_fn(make_problem(cfg, data, 0, 1, cfg["pretrain_lr"], cfg["pretrain_optimizer"]))(v)
+                      for k, v in bases.items()}
     ft = cfg["finetune_steps"]
-    points = [int(s) for s in np.linspace(0, ft, cfg["points"] + 1)]
-    problem = make_problem(cfg, task2, 0, ft, cfg["finetune_lr"])
+    points = [int(s) for s in np.linspace(0, ft, cfg["finetune_points"] + 1)]
+    problem = make_problem(cfg, task2, 0, ft, cfg["finetune_lr"], cfg["finetune_optimizer"])
     accuracy = accuracy_fn(problem)
     source = record_trajectory(problem, {}, points,
                                state={"params": bases["A"], "opt_state": problem.optimizer.init(bases["A"])})
@@ -149,11 +170,15 @@ def fmt_steps(x, budget):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="reduced sizes (CI)")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes (CI); same as --config quick")
+    parser.add_argument("--config", choices=sorted(CONFIG), default="full",
+                        help="full (default), momentum (momentum SGD at LR 0.1, for comparison) or quick")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "learning_transfer"))
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    cfg = CONFIG["quick" if args.quick else "full"]
+    if args.quick:
+        args.config = "quick"
+    cfg = CONFIG[args.config]
     progress = not args.no_progress
     tic = time.perf_counter()
     data = mg.mnist1d()
@@ -176,7 +201,7 @@ def main():
         goals[f"exp1 {name}: zero-step accuracy >= 60% of source"] = acc >= 0.6 * src1
         goals[f"exp1 {name}: steps to target <= half of init's (every seed)"] = all(
             s <= 0.5 * i and np.isfinite(s) for s, i in zip(steps, init_steps))
-    goals["exp1 naive near chance (< 0.25)"] = summary1["naive"]["zero_step_accuracy"]["mean"] < 0.25
+    goals["exp1 naive near chance (< 0.15; chance is 0.10)"] = summary1["naive"]["zero_step_accuracy"]["mean"] < 0.15
     src2 = exp2["source_accuracy"]
     base_steps = exp2["steps_to_target"]["init"]
     for name in ("FGMT", "GMT"):
@@ -186,7 +211,7 @@ def main():
             s is not None and (base_steps is None or s <= 0.5 * base_steps))
 
     report = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-              "quick": args.quick, "seconds": seconds, "experiment_1": exp1, "experiment_1_summary": summary1,
+              "quick": args.quick, "config_name": args.config, "seconds": seconds, "experiment_1": exp1, "experiment_1_summary": summary1,
               "experiment_2": exp2, "goals": goals}
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "result.json"), report)
@@ -195,7 +220,7 @@ def main():
     b1 = exp1["budget_steps"]
     for name in START_POINTS:
         z = summary1[name]["zero_step_accuracy"]
-        rows.append((f"1: {name}", f"{z['mean']:.3f} ± {z['std']:.3f}", f"{z['mean'] / src1:.2f}",
+        rows.append((f"1: {LABELS1[name]}", f"{z['mean']:.3f} ± {z['std']:.3f}", f"{z['mean'] / src1:.2f}",
                      ", ".join(fmt_steps(s, b1) for s in summary1[name]["steps_to_target"])))
     b2 = exp2["budget_steps"]
     labels2 = {"init": "base B (fine-tune B)", "naive": "naive", "FGMT": "FGMT", "GMT": "GMT"}
@@ -215,7 +240,7 @@ def main():
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     means = [summary1[n]["zero_step_accuracy"]["mean"] for n in START_POINTS]
     stds = [summary1[n]["zero_step_accuracy"]["std"] for n in START_POINTS]
-    axes[0].bar(START_POINTS, means, yerr=stds, color=["grey", "tab:red", "tab:blue", "tab:green", "tab:purple"])
+    axes[0].bar(START_POINTS, means, yerr=stds, color=["grey", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:pink"])
     axes[0].axhline(src1, color="k", ls="--", label="source (trained A)")
     axes[0].axhline(0.6 * src1, color="k", ls=":", label="60% of source")
     axes[0].set(ylabel="test accuracy, 0 training steps", title="1: same task, new init (mean over seeds)")
