@@ -42,11 +42,15 @@ def _audit_poison(args) -> int:
     import optax
 
     from .apps import poisoning
-    from .models import MLP
+    from .models import CNN1D, MLP
     from .training import TrainingProblem
 
     dataset = _load_dataset(args.data)
-    base = TrainingProblem(MLP(hidden=tuple(args.hidden), num_classes=dataset.num_classes),
+    if args.model == "cnn":
+        model = CNN1D(channels=tuple(args.channels), num_classes=dataset.num_classes)
+    else:
+        model = MLP(hidden=tuple(args.hidden), num_classes=dataset.num_classes)
+    base = TrainingProblem(model,
                            optax.sgd(args.lr, momentum=0.9), dataset, num_steps=args.num_steps,
                            batch_size=min(args.batch_size, dataset.num_train), lr_schedule=None)
     report = poisoning.audit(base, fraction=args.fraction, eps=args.eps, meta_steps=args.meta_steps,
@@ -92,7 +96,10 @@ def main(argv=None) -> int:
     audit.add_argument("--num-steps", type=int, default=500)
     audit.add_argument("--batch-size", type=int, default=128)
     audit.add_argument("--lr", type=float, default=0.03)
+    audit.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                       help="audited model: an MLP (--hidden) or a 1-D CNN with average pooling (--channels)")
     audit.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
+    audit.add_argument("--channels", type=int, nargs="+", default=[8, 8], help="CNN channels per layer")
     audit.add_argument("--no-progress", action="store_true")
     audit.set_defaults(func=_audit_poison)
 

@@ -135,6 +135,9 @@ def test_audit_poison_command(tmp_path):
     assert report["setting"]["num_poisoned"] == round(0.025 * 168)
     assert report["setting"]["seeds_per_step"] == 1 and report["setting"]["attack_seed_range"] == [10000, 10001]
     assert (out / "poisoning.png").exists()
+    delta = np.load(out / "poison_delta.npy")
+    assert delta.shape == (len(report["poison_indices"]), 6)
+    assert np.abs(delta).max() == pytest.approx(report["poison_linf"])
     with pytest.raises(SystemExit, match="arrays 'x' and 'y'"):
         np.savez(tmp_path / "bad.npz", inputs=x)
         main(["audit-poison", "--data", str(tmp_path / "bad.npz"), "--out", str(out)])

@@ -135,7 +135,8 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
     ``n`` fresh training seeds per meta-step (seeds ``seed_start ...``); see
     :func:`optimize_poison`. Returns test accuracies on the clean and each
     poisoned set (retrained from ``eval_seeds``, disjoint from every seed the
-    attack trained from) and the drops in points.
+    attack trained from) and the drops in points; ``poison_delta`` is the
+    perturbation (an array; :func:`write_audit_report` saves it as ``.npy``).
     """
     used = attack_seeds_used(meta_steps, attack_seeds, seeds_per_step, seed_start)
     if used & set(eval_seeds):
@@ -177,6 +178,7 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
         "poison_linf": float(np.abs(delta).max()),
         "attack_seconds": float(sum(h["seconds"] for h in result.history)),
         "history": result.history,
+        "poison_delta": delta,
     }
 
 
@@ -193,13 +195,16 @@ def audit_table(report: dict) -> str:
 
 
 def write_audit_report(report: dict, out_dir: str) -> None:
-    """``report.json`` and ``poisoning.png`` (accuracy per training set, attack objective per meta-step)."""
+    """``report.json``, ``poisoning.png`` (accuracy per training set, attack objective per meta-step) and
+    ``poison_delta.npy`` (the perturbations of the ``poison_indices`` examples, if the report has them)."""
     import os
 
     from ..report import pyplot, write_json
 
     os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "report.json"), report)
+    write_json(os.path.join(out_dir, "report.json"), {k: v for k, v in report.items() if k != "poison_delta"})
+    if "poison_delta" in report:
+        np.save(os.path.join(out_dir, "poison_delta.npy"), np.asarray(report["poison_delta"], np.float32))
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(report["test_accuracy"])
