@@ -89,6 +89,47 @@ def cost_per_episode(fn, args, tasks, num_timed):
             "peak_bytes": int(mem.temp_size_in_bytes + mem.output_size_in_bytes + mem.argument_size_in_bytes)}
 
 
+def compare_methods(methods, acc, backbone, test, num_timed, *, desc, progress):
+    """Time every method on single episodes and score it on every test source.
+
+    ``methods``: name -> ``(adapt_fn, extra_args)`` in the order no adaptation,
+    subset fine-tuning, full fine-tuning, HyperFlow (then any others);
+    ``acc(fn, tasks, *extra)`` gives per-episode accuracies. Returns
+    ``(accs, costs, rows, ratios)``: accuracies per source and method, the cost per
+    episode of each method, the table's rows and the cost ratios of the two
+    fine-tuning baselines to HyperFlow.
+    """
+    names = list(methods)
+    costs = {name: cost_per_episode(fn, (*extra, backbone), test[next(iter(test))], num_timed)
+             for name, (fn, extra) in progress_bar(methods.items(), desc=desc, disable=not progress)}
+    accs, rows = {}, []
+    for source, tasks in test.items():
+        accs[source] = {name: acc(fn, tasks, *extra) for name, (fn, extra) in methods.items()}
+        for name in names:
+            m, h = ci95(accs[source][name])
+            c = costs[name]
+            rows.append((source[:1], name, f"{m:.4f} +- {h:.4f}", f"{1e3 * c['seconds_median']:.3f}",
+                         f"{c['alloc_bytes'] / 1024:.1f}", f"{c['peak_bytes'] / 1024:.1f}"))
+    hf_name = names[3]
+    ratios = {other: {"time": costs[other]["seconds_median"] / costs[hf_name]["seconds_median"],
+                      "alloc_memory": costs[other]["alloc_bytes"] / costs[hf_name]["alloc_bytes"],
+                      "peak_memory": costs[other]["peak_bytes"] / costs[hf_name]["peak_bytes"]}
+              for other in names[1:3]}
+    return accs, costs, rows, ratios
+
+
+def gains(accs, names, finetune_key):
+    """Accuracies with 95% intervals and the gains over no adaptation (``names`` ordered as in :func:`compare_methods`)."""
+    base, ft, hfa = accs[names[0]], accs[names[1]], accs[names[3]]
+    gain_ft, gain_hf = float(ft.mean() - base.mean()), float(hfa.mean() - base.mean())
+    return {
+        "accuracy": {n: dict(zip(("mean", "ci95"), ci95(a)), values=a.tolist()) for n, a in accs.items()},
+        finetune_key: gain_ft, "gain_full_finetune": float(accs[names[2]].mean() - base.mean()),
+        "gain_hyperflow": gain_hf, "recovered_fraction": gain_hf / gain_ft if gain_ft > 0 else float("nan"),
+        "hyperflow_minus_proto_ci95": ci95(hfa - base)[1],
+    }
+
+
 def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress):
     """The paper's PEFT subset: all biases of a wider MLP backbone plus the head (:mod:`metagrad.hyperflow_bias`).
 
@@ -174,28 +215,14 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress):
         f"HyperFlow[biases+head] ({n_euler} Euler steps)": (hf_fn(n_euler), (phi,)),
     }
     names = list(methods)
-    costs = {name: cost_per_episode(fn, (*extra, backbone), test[next(iter(test))], cfg["timed"])
-             for name, (fn, extra) in progress_bar(methods.items(), desc="[bias mode] timing", disable=not progress)}
-    results, rows = {}, []
-    for source, tasks in test.items():
-        accs = {name: acc(fn, tasks, *extra) for name, (fn, extra) in methods.items()}
-        base, ft, hfa = accs[names[0]], accs[names[1]], accs[names[3]]
-        gain_ft, gain_hf = float(ft.mean() - base.mean()), float(hfa.mean() - base.mean())
-        results[source] = {
-            "accuracy": {n: dict(zip(("mean", "ci95"), ci95(a)), values=a.tolist()) for n, a in accs.items()},
-            "gain_finetune_subset": gain_ft, "gain_full_finetune": float(accs[names[2]].mean() - base.mean()),
-            "gain_hyperflow": gain_hf, "recovered_fraction": gain_hf / gain_ft if gain_ft > 0 else float("nan"),
-            "hyperflow_minus_proto_ci95": ci95(hfa - base)[1], "finetune_minus_proto_ci95": ci95(ft - base)[1],
-            "hyperflow_minus_finetune_ci95": ci95(hfa - ft)[1]}
-        for name in names:
-            m, h = ci95(accs[name])
-            c = costs[name]
-            rows.append((source[:1], name, f"{m:.4f} +- {h:.4f}", f"{1e3 * c['seconds_median']:.3f}",
-                         f"{c['alloc_bytes'] / 1024:.1f}", f"{c['peak_bytes'] / 1024:.1f}"))
-    ratios = {other: {"time": costs[other]["seconds_median"] / costs[names[3]]["seconds_median"],
-                      "alloc_memory": costs[other]["alloc_bytes"] / costs[names[3]]["alloc_bytes"],
-                      "peak_memory": costs[other]["peak_bytes"] / costs[names[3]]["peak_bytes"]}
-              for other in names[1:3]}
+    accs_all, costs, rows, ratios = compare_methods(methods, acc, backbone, test, cfg["timed"],
+                                                    desc="[bias mode] timing", progress=progress)
+    results = {}
+    for source, accs in accs_all.items():
+        ft, hfa = accs[names[1]], accs[names[3]]
+        results[source] = {**gains(accs, names, "gain_finetune_subset"),
+                           "finetune_minus_proto_ci95": ci95(ft - accs[names[0]])[1],
+                           "hyperflow_minus_finetune_ci95": ci95(hfa - ft)[1]}
     goals = {
         "recovers_90pct_of_subset_finetuning_gain": {s: r["recovered_fraction"] >= 0.9 for s, r in results.items()},
         "10x_faster_than_subset_finetuning": ratios[names[1]]["time"] >= 10,
@@ -329,33 +356,11 @@ def main():
     for label in (primary, other):  # the primary HyperFlow (picked on tuning episodes) is names[3]
         methods[f"HyperFlow[{label}] ({pick[label]} Euler steps)"] = (hf_fn(label, pick[label]), (drifts[label][0],))
     names = list(methods)
-    costs = {}
-    for name in progress_bar(names, desc="timing adaptation", disable=not progress):
-        fn, extra = methods[name]
-        costs[name] = cost_per_episode(fn, (*extra, backbone), test[next(iter(test))], cfg["timed"])
-    results, rows = {}, []
-    for source, tasks in test.items():
-        accs = {name: acc_of(fn, tasks, *extra) for name, (fn, extra) in methods.items()}
-        base, ft, hfa = accs[names[0]], accs[names[1]], accs[names[3]]
-        gain_ft, gain_hf = float(ft.mean() - base.mean()), float(hfa.mean() - base.mean())
-        alt = accs[names[4]]
-        results[source] = {
-            "gain_hyperflow_other_variant": float(alt.mean() - base.mean()),
-            "accuracy": {n: dict(zip(("mean", "ci95"), ci95(a)), values=a.tolist()) for n, a in accs.items()},
-            "gain_finetune_head": gain_ft, "gain_full_finetune": float(accs[names[2]].mean() - base.mean()),
-            "gain_hyperflow": gain_hf, "recovered_fraction": gain_hf / gain_ft if gain_ft > 0 else float("nan"),
-            "hyperflow_minus_proto_ci95": ci95(hfa - base)[1],
-        }
-        for name in names:
-            m, h = ci95(accs[name])
-            c = costs[name]
-            rows.append((source[:1], name, f"{m:.4f} +- {h:.4f}", f"{1e3 * c['seconds_median']:.3f}",
-                         f"{c['alloc_bytes'] / 1024:.1f}", f"{c['peak_bytes'] / 1024:.1f}"))
-    hf_name = names[3]
-    ratios = {other: {"time": costs[other]["seconds_median"] / costs[hf_name]["seconds_median"],
-                      "alloc_memory": costs[other]["alloc_bytes"] / costs[hf_name]["alloc_bytes"],
-                      "peak_memory": costs[other]["peak_bytes"] / costs[hf_name]["peak_bytes"]}
-              for other in names[1:3]}
+    accs_all, costs, rows, ratios = compare_methods(methods, acc_of, backbone, test, cfg["timed"],
+                                                    desc="timing adaptation", progress=progress)
+    results = {source: {**gains(accs, names, "gain_finetune_head"),
+                        "gain_hyperflow_other_variant": float(accs[names[4]].mean() - accs[names[0]].mean())}
+               for source, accs in accs_all.items()}
     goals = {
         "recovers_90pct_of_head_finetuning_gain": {s: r["recovered_fraction"] >= 0.9 for s, r in results.items()},
         "10x_faster_than_head_finetuning": ratios[names[1]]["time"] >= 10,

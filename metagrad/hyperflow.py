@@ -398,12 +398,7 @@ def simulate_trajectories(backbone, support_x, support_y, key, lr, *, num_steps,
             return jax.tree.map(lambda a, b: jnp.where(r == 0, a, b), proto, perturbed)
 
         def run(h0):
-            def segment(state, _):
-                state = lax.fori_loop(0, every, lambda t, s: finetune_step(s, meta, t), state)
-                return state, state["head"]
-
-            _, heads = lax.scan(segment, {"head": h0}, None, length=num_knots)
-            return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), h0, heads)
+            return run_knots(finetune_step, meta, {"head": h0}, "head", num_knots, every)
 
         knots = jax.vmap(lambda r: run(start(r)))(jnp.arange(num_starts))
         return feats, y1h, knots
@@ -454,6 +449,19 @@ def _velocity_rms(knots):
     sq = sum(jnp.sum((a[:, :, -1] - a[:, :, 0]) ** 2) for a in jax.tree.leaves(knots))
     size = sum(a[:, :, 0].size for a in jax.tree.leaves(knots))
     return float(jnp.sqrt(sq / size))
+
+
+def run_knots(step, meta, state0, name, num_knots, every):
+    """``state0[name]`` and its value after each of ``num_knots`` segments of ``every`` steps, stacked on a new axis 0.
+
+    Each segment runs ``step(state, meta, t)`` for ``t = 0 .. every-1`` in a ``lax.fori_loop``.
+    """
+    def segment(state, _):
+        state = lax.fori_loop(0, every, lambda t, s: step(s, meta, t), state)
+        return state, state[name]
+
+    _, later = lax.scan(segment, state0, None, length=num_knots)
+    return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), state0[name], later)
 
 
 def interpolated_sample(knots, task, start, s, kind_index, kinds):

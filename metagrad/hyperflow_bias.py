@@ -256,12 +256,7 @@ def simulate_trajectories(backbone, support_x, support_y, key, lr_bias, lr_head,
             return jax.tree.map(lambda a, b: jnp.where(r == 0, a, b), theta, {"biases": biases, "head": head})
 
         def run(th0):
-            def segment(state, _):
-                state = lax.fori_loop(0, every, lambda t, s: finetune_step(s, meta, t), state)
-                return state, state["theta"]
-
-            _, ths = lax.scan(segment, {"theta": th0}, None, length=num_knots)
-            return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), th0, ths)
+            return hf.run_knots(finetune_step, meta, {"theta": th0}, "theta", num_knots, every)
 
         return jax.vmap(lambda r: run(start(r)))(jnp.arange(num_starts))
 

@@ -22,18 +22,6 @@ import platform
 import time
 
 
-def _problem(num_steps, hidden):
-    import optax
-
-    import metagrad as mg
-
-    return mg.TrainingProblem(
-        mg.MLP(hidden=tuple(hidden)), optax.inject_hyperparams(optax.sgd)(learning_rate=0.05, momentum=0.9),
-        mg.mnist1d(), num_steps=num_steps, batch_size=128, lr_schedule=mg.LRSchedule(num_steps, 0.05),
-        data_weights=mg.DataWeights(), objective_split="test",
-    )
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1000, help="T of the whole-metagradient row")
@@ -48,9 +36,10 @@ def main():
 
     import replay
     from metagrad.report import format_table, write_json
+    from replay_vs_peers import benchmark_problem  # this directory is on sys.path when run as a script
     from replay.trees import partition
 
-    base = _problem(args.steps, args.hidden)
+    base = benchmark_problem(args.steps, args.hidden)
     problems = {mode: dataclasses.replace(base, inner_grad=mode) for mode in ("reverse", "forward_over_reverse")}
     meta = base.init_meta()
     start = replay.compiled.advance(base.step, base.init_state(), meta, 0, 100)

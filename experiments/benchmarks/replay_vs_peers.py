@@ -40,13 +40,14 @@ def _rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _problem(num_steps):
+def benchmark_problem(num_steps, hidden=(256, 256)):
+    """MLP 40-256-256-10 on MNIST-1D, batch 128, momentum SGD; metaparameters: per-step LR and per-example weights."""
     import optax
 
     import metagrad as mg
 
     return mg.TrainingProblem(
-        mg.MLP(hidden=(256, 256)), optax.inject_hyperparams(optax.sgd)(learning_rate=0.05, momentum=0.9),
+        mg.MLP(hidden=tuple(hidden)), optax.inject_hyperparams(optax.sgd)(learning_rate=0.05, momentum=0.9),
         mg.mnist1d(), num_steps=num_steps, batch_size=128, lr_schedule=mg.LRSchedule(num_steps, 0.05),
         data_weights=mg.DataWeights(), objective_split="test",
     )
@@ -80,7 +81,7 @@ def worker(name: str, num_steps: int, repeats: int, budget_bytes: int) -> dict:
 
     import replay
 
-    problem = _problem(num_steps)
+    problem = benchmark_problem(num_steps)
     meta, state0 = problem.init_meta(), problem.init_state()
     state_bytes = replay.tree_bytes(state0)
     k16 = replay.simulate(replay.kary_plan(num_steps, 16, 16), num_steps, leaf_size=16)[0]
