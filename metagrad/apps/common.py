@@ -18,21 +18,19 @@ def seconds_per_training_run(problem, meta, repeats: int = 2) -> float:
     return best
 
 
-def averaged_value_and_metagrad(problems, **kwargs):
-    """``meta -> (mean value, mean metagradient)`` over problems differing only in their seed.
+def mean_value_and_metagrad(problem, meta, seeds, **kwargs):
+    """``(mean value, mean metagradient)`` of ``problem``'s run over the training ``seeds``.
 
     Optimizing the average over several training seeds makes a metaparameter
     (a poison, a data selection) hold for the training run's randomness rather
-    than for one fixed run.
+    than for one fixed run. The seed enters the step as a traced value
+    (:meth:`~metagrad.training.TrainingProblem.value_and_metagrad_at_seed`), so
+    all seeds share one compilation.
     """
-
-    def value_and_grad(meta):
-        total_value, total_grad = 0.0, None
-        for problem in problems:
-            value, grad = problem.value_and_metagrad(meta, **kwargs)
-            total_value = total_value + value
-            total_grad = grad if total_grad is None else jax.tree.map(lambda a, b: a + b, total_grad, grad)
-        n = len(problems)
-        return total_value / n, jax.tree.map(lambda g: g / n, total_grad)
-
-    return value_and_grad
+    total_value, total_grad = 0.0, None
+    for seed in seeds:
+        value, grad = problem.value_and_metagrad_at_seed(meta, seed, **kwargs)
+        total_value = total_value + value
+        total_grad = grad if total_grad is None else jax.tree.map(lambda a, b: a + b, total_grad, grad)
+    n = len(seeds)
+    return total_value / n, jax.tree.map(lambda g: g / n, total_grad)

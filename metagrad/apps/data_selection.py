@@ -18,7 +18,7 @@ from ..data import Dataset
 from ..meta import DataWeights
 from ..mgd import mgd
 from ..training import TrainingProblem
-from .common import averaged_value_and_metagrad
+from .common import mean_value_and_metagrad
 
 
 def flip_labels(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, np.ndarray]:
@@ -54,8 +54,8 @@ def optimize_data_weights(problem: TrainingProblem, *, meta_steps: int, meta_opt
     """
     if problem.data_weights is None:
         raise ValueError("the problem has no data_weights metaparameter: give data_weights=DataWeights().")
-    problems = [problem] + [dataclasses.replace(problem, seed=s) for s in extra_seeds]
-    return mgd(averaged_value_and_metagrad(problems, k=k), problem.init_meta(),
+    seeds = (problem.seed, *extra_seeds)
+    return mgd(lambda meta: mean_value_and_metagrad(problem, meta, seeds, k=k), problem.init_meta(),
                optimizer=meta_optimizer or optax.adam(0.05), num_meta_steps=meta_steps,
                project=problem.project_meta, checkpoint_dir=checkpoint_dir, progress=progress)
 

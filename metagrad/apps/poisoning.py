@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -20,6 +19,7 @@ from ..data import Dataset
 from ..meta import Poison
 from ..mgd import mgd
 from ..training import TrainingProblem
+from .common import mean_value_and_metagrad
 
 
 def apply_poison(dataset: Dataset, spec: Poison, delta) -> Dataset:
@@ -67,12 +67,7 @@ def expected_value_and_metagrad(problem: TrainingProblem, *, attack_seeds=(0, 1)
     def value_and_grad(meta, meta_step):
         seeds = (list(attack_seeds) if seeds_per_step is None
                  else fresh_attack_seeds(meta_step, seeds_per_step, seed_start))
-        total_value, total_grad = 0.0, None
-        for seed in seeds:
-            value, grad = problem.value_and_metagrad_at_seed(meta, seed, **kwargs)
-            total_value = total_value + value
-            total_grad = grad if total_grad is None else jax.tree.map(jnp.add, total_grad, grad)
-        return total_value / len(seeds), jax.tree.map(lambda g: g / len(seeds), total_grad)
+        return mean_value_and_metagrad(problem, meta, seeds, **kwargs)
 
     return value_and_grad
 
