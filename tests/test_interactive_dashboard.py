@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 
 import httpx
 import pytest
@@ -14,11 +13,11 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from metagrad.interactive import Trainer, build_problem  # noqa: E402
+from metagrad.interactive.agents import wait_until  # noqa: E402
+from metagrad.interactive.screenshot import ARGS  # noqa: E402
 from metagrad.interactive.server import ControlServer  # noqa: E402
 
 CHROMIUM = os.environ.get("METAGRAD_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 
 SPEC = {"dataset": {"name": "blobs", "num_examples": 300}, "model": {"name": "mlp", "hidden": [12]},
         "optimizer": {"name": "sgd", "hyperparams": {"learning_rate": 0.05, "momentum": 0.9}},
@@ -29,12 +28,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 
 
 def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+    return wait_until(predicate, timeout)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ pytest.importorskip("uvicorn")
 
 from metagrad.interactive import (AgentRunner, OpenAIChatAgent, RuleAgent, Trainer, build_problem,  # noqa: E402
                                   fingerprint, parse_action, replay_log)
+from metagrad.interactive.agents import wait_until  # noqa: E402
 from metagrad.interactive.server import ControlServer  # noqa: E402
 
 SPEC = {"dataset": {"name": "blobs", "num_examples": 300}, "model": {"name": "mlp", "hidden": [12]},
@@ -31,12 +32,7 @@ RESCUE = {"dataset": {"name": "blobs", "num_examples": 600, "spread": 1.0}, "mod
 
 
 def wait_for(predicate, timeout=30.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+    return wait_until(predicate, timeout, interval)
 
 
 @pytest.fixture
