@@ -7,9 +7,13 @@ range) to maximize validation loss. By default every meta-step averages the
 metagradient over --seeds-per-step *new* training seeds (10000, 10001, ...: an
 expectation over the training run's randomness); --seeds-per-step 0 averages
 over the fixed seeds 0 .. --attack-seeds - 1 instead. Models are then retrained
-from fresh seeds (100-102, never used by the attack) and scored on the
-untouched test split. Baselines with the same budget: random perturbations
-(corners of the L-inf ball) and flipping the labels of the same examples.
+from --eval-seeds fresh seeds (100, 101, ...: never used by the attack) and
+scored on the untouched test split; each drop is the mean of the paired
+per-seed drops, with its standard error. The attack checkpoints every meta-step
+under <out>/mgd_checkpoints and a rerun resumes there (--fresh starts over);
+--poison FILE skips the attack and re-scores a saved poison_delta.npy.
+Baselines with the same budget: random perturbations (corners of the L-inf
+ball) and flipping the labels of the same examples.
 
 The audited setup (--model, --batch-size, --lr) is by default the metasmoother
 1-D CNN 8-8 with average pooling (SGD momentum 0.9, LR 0.03, batch 128, 500
@@ -21,10 +25,12 @@ from __future__ import annotations
 import argparse
 import os
 
+import numpy as np
 import optax
 
 import metagrad as mg
 from metagrad.apps import poisoning
+from metagrad.mgd import checkpoint_folder
 
 
 def main():
@@ -41,7 +47,12 @@ def main():
                         help="audited model: a 1-D CNN 8-8 with average pooling (metasmoother, default) or MLP 64-64")
     parser.add_argument("--batch-size", type=int, default=128, help="audited setup's batch size")
     parser.add_argument("--lr", type=float, default=0.03, help="audited setup's LR (SGD, momentum 0.9)")
+    parser.add_argument("--eval-seeds", type=int, default=10, help="fresh retraining seeds 100, 101, ... (--quick: 3)")
+    parser.add_argument("--poison", help="re-score this saved poison_delta.npy instead of running the attack")
+    parser.add_argument("--fresh", action="store_true", help="discard the attack checkpoints in --out/mgd_checkpoints")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
+    checkpoint_dir = checkpoint_folder(args.out, fresh=args.fresh)
     if args.quick:
         num_steps, hidden, meta_steps, attack_seeds, seeds_per_step = 100, (32,), 5, 2, 2
     else:
@@ -55,9 +66,14 @@ def main():
         model, model_desc = mg.MLP(hidden=hidden), f"MLP{hidden}"
     base = mg.TrainingProblem(model, optax.sgd(args.lr, momentum=0.9), mg.mnist1d(),
                               num_steps=num_steps, batch_size=args.batch_size, lr_schedule=None)
+    eval_seeds = tuple(range(100, 100 + (3 if args.quick else args.eval_seeds)))
     report = poisoning.audit(base, fraction=0.025, eps=args.eps, meta_steps=meta_steps,
                              attack_seeds=tuple(range(attack_seeds)), seeds_per_step=seeds_per_step or None,
-                             final_step_fraction=args.final_step_fraction, eval_seeds=(100, 101, 102))
+                             final_step_fraction=args.final_step_fraction, eval_seeds=eval_seeds,
+                             checkpoint_dir=checkpoint_dir, progress=not args.no_progress,
+                             poison_delta=None if args.poison is None else np.load(args.poison))
+    if args.poison is not None:
+        report["poison_source"] = os.path.abspath(args.poison)
     drop = report["drop_points"]["MGD poison"]
     report["goal_met"] = bool(drop >= 10 and report["ratio_to_best_baseline"] >= 3)
     report["model"] = (f"{model_desc}, SGD momentum 0.9, LR {args.lr}, batch {args.batch_size}, "

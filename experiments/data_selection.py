@@ -6,6 +6,8 @@ MGD optimizes one weight per training example against a clean validation set;
 the top 70% by weight are kept and fresh models (3 seeds) are trained on them.
 Baselines: full data, a random subset of the same size, small-loss filtering.
 The flipped-label mask is used only to report what each selection removed.
+MGD checkpoints every meta-step under <out>/mgd_checkpoints and a rerun
+resumes there (--fresh starts over).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import optax
 
 import metagrad as mg
 from metagrad.apps import data_selection as app
+from metagrad.mgd import checkpoint_folder
 from metagrad.report import format_table, pyplot, write_json
 
 
@@ -28,13 +31,16 @@ def main():
     parser.add_argument("--meta-steps", type=int, default=40)
     parser.add_argument("--noise", type=float, default=0.3)
     parser.add_argument("--keep", type=float, default=0.7)
+    parser.add_argument("--fresh", action="store_true", help="discard the MGD checkpoints in --out/mgd_checkpoints")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     num_steps, meta_steps, hidden, seeds = (500, args.meta_steps, (64, 64), (0, 1, 2)) if not args.quick else (100, 5, (32,), (0, 1))
     noisy, flipped = app.flip_labels(mg.mnist1d(), args.noise, seed=0)
     base = mg.TrainingProblem(mg.MLP(hidden=hidden), optax.sgd(0.03, momentum=0.9), noisy, num_steps=num_steps,
                               lr_schedule=None)
     out = app.select_data(base, noisy, flipped, keep_fraction=args.keep, meta_steps=meta_steps, seeds=seeds,
-                          meta_optimizer=optax.adam(0.05))
+                          meta_optimizer=optax.adam(0.05), checkpoint_dir=checkpoint_folder(args.out, fresh=args.fresh),
+                          progress=not args.no_progress)
     methods = out["methods"]
     mgd_mean = np.mean(methods["MGD selection"]["test_accuracy"])
     baselines = max(np.mean(m["test_accuracy"]) for name, m in methods.items() if name != "MGD selection")

@@ -4,6 +4,8 @@
 
 Starts MGD from a deliberately poor flat schedule; both methods pick their
 schedule by validation loss and are reported on the untouched test split.
+MGD checkpoints every meta-step under <out>/mgd_checkpoints and a rerun
+resumes there (--fresh starts over).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import optax
 
 import metagrad as mg
 from metagrad.apps import lr_schedule as app
+from metagrad.mgd import checkpoint_folder
 from metagrad.report import format_table, pyplot, write_json
 
 
@@ -26,15 +29,19 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lr_schedule"))
     parser.add_argument("--meta-steps", type=int, default=50)
+    parser.add_argument("--fresh", action="store_true", help="discard the MGD checkpoints in --out/mgd_checkpoints")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     num_steps, knots, meta_steps, hidden = (500, 12, args.meta_steps, (64, 64)) if not args.quick else (100, 10, 6, (32,))
     problem = mg.TrainingProblem(mg.MLP(hidden=hidden),
                                  optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.9),
                                  mg.mnist1d(), num_steps=num_steps, lr_schedule=mg.LRSchedule(knots, 0.003))
     tic = time.perf_counter()
-    grid = app.grid_search(problem)
+    grid = app.grid_search(problem, progress=not args.no_progress)
     grid_seconds = time.perf_counter() - tic
-    mgd_result = app.optimize_lr_schedule(problem, meta_steps=meta_steps, meta_optimizer=optax.adam(0.01))
+    mgd_result = app.optimize_lr_schedule(problem, meta_steps=meta_steps, meta_optimizer=optax.adam(0.01),
+                                          checkpoint_dir=checkpoint_folder(args.out, fresh=args.fresh),
+                                          progress=not args.no_progress)
     unit = mgd_result["seconds_per_training_run"]
     best = grid[0]
     report = {

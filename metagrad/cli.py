@@ -41,7 +41,10 @@ def _load_dataset(spec: str):
 def _audit_poison(args) -> int:
     import optax
 
+    import numpy as np
+
     from .apps import poisoning
+    from .mgd import checkpoint_folder
     from .models import CNN1D, MLP
     from .training import TrainingProblem
 
@@ -57,9 +60,12 @@ def _audit_poison(args) -> int:
                              attack_seeds=tuple(range(args.attack_seeds)),
                              seeds_per_step=args.seeds_per_step or None,
                              final_step_fraction=args.final_step_fraction,
-                             eval_seeds=tuple(range(1000, 1000 + args.eval_seeds)),
-                             checkpoint_dir=os.path.join(args.out, "mgd_checkpoints"), progress=not args.no_progress)
+                             eval_seeds=tuple(range(1000, 1000 + args.eval_seeds)), choose=args.choose,
+                             checkpoint_dir=checkpoint_folder(args.out, fresh=args.fresh), progress=not args.no_progress,
+                             poison_delta=None if args.poison is None else np.load(args.poison))
     report["dataset"] = args.data
+    if args.poison is not None:
+        report["poison_source"] = os.path.abspath(args.poison)
     poisoning.write_audit_report(report, args.out)
     print(poisoning.audit_table(report))
     print(f"wrote {os.path.join(args.out, 'report.json')} and {os.path.join(args.out, 'poisoning.png')}")
@@ -92,7 +98,12 @@ def main(argv=None) -> int:
                        help="fresh training seeds (10000, 10001, ...) drawn at every meta-step; 0: use --attack-seeds")
     audit.add_argument("--final-step-fraction", type=float, default=1.0,
                        help="the signed step decays linearly from eps/8 to this fraction of it")
-    audit.add_argument("--eval-seeds", type=int, default=3, help="fresh training seeds for the evaluation")
+    audit.add_argument("--eval-seeds", type=int, default=10, help="fresh training seeds for the evaluation")
+    audit.add_argument("--choose", choices=("random", "influence"), default="random",
+                       help="which inputs to poison: a random subset, or those with the largest metagradient")
+    audit.add_argument("--poison", help="re-score this saved poison_delta.npy (same --fraction/--eps/--choose) "
+                       "instead of running the attack")
+    audit.add_argument("--fresh", action="store_true", help="discard the attack checkpoints in --out/mgd_checkpoints")
     audit.add_argument("--num-steps", type=int, default=500)
     audit.add_argument("--batch-size", type=int, default=128)
     audit.add_argument("--lr", type=float, default=0.03)

@@ -93,6 +93,20 @@ class MGDCheckpointer:
         self.manager.close()
 
 
+def checkpoint_folder(out_dir: str, *, fresh: bool = False) -> str:
+    """``out_dir/mgd_checkpoints``: where a script's MGD run saves every meta-step, so a rerun resumes it.
+
+    ``fresh=True`` deletes the checkpoints of an earlier run there first (a new
+    run with other settings must not resume an old one).
+    """
+    import shutil
+
+    folder = os.path.join(out_dir, "mgd_checkpoints")
+    if fresh:
+        shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
 def _tree_norm(tree) -> float:
     return float(optax.global_norm(tree))
 

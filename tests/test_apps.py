@@ -104,6 +104,32 @@ def test_poison_seed_in_meta_matches_a_fixed_seed_run():
     assert poisoning.fresh_attack_seeds(2, 3) == [poisoning.FRESH_SEED_START + 6 + j for j in range(3)]
 
 
+def test_influential_subset_picks_the_inputs_with_the_largest_first_order_gain():
+    data = small_mnist1d()
+    base = mg.TrainingProblem(mg.MLP(hidden=(16,)), optax.sgd(0.05, momentum=0.9), data, num_steps=20,
+                              batch_size=64, lr_schedule=None)
+    eps, seed = 0.002, 3
+    chosen, scores = poisoning.influential_subset(base, 0.05, eps, seeds=(seed,), k=4)
+    assert scores.shape == (600,) and len(chosen.indices) == 30
+    assert set(chosen.indices) == set(np.argsort(-scores)[:30].tolist())
+
+    def val_loss_gain(spec):
+        """Validation-loss increase of one signed step of radius eps on ``spec``'s inputs, and its first-order value."""
+        attack = dataclasses.replace(base, poison=spec, maximize=True)
+        zero = attack.init_meta()
+        value0, grad = attack.value_and_metagrad_at_seed(zero, seed, k=4)
+        step = {"poison": -eps * jnp.sign(grad["poison"])}  # the value is minus the validation loss
+        value1, _ = attack.value_and_metagrad_at_seed(attack.project_meta(step), seed, k=4)
+        return float(value0 - value1), eps * float(jnp.abs(grad["poison"]).sum())
+
+    gain, predicted = val_loss_gain(chosen)
+    random_gain, _ = val_loss_gain(mg.Poison.random_subset(data.num_train, 0.05, eps, seed=0))
+    # the scores are each example's L1 metagradient norm: they predict the chosen step's gain to first order
+    assert predicted == pytest.approx(eps * scores[list(chosen.indices)].sum(), rel=1e-4)
+    assert gain == pytest.approx(predicted, rel=0.2)
+    assert gain > 2 * random_gain > 0
+
+
 def test_sign_agreement_and_metasmoothness_diagnostic():
     a = {"w": jnp.asarray([1.0, -2.0, 3.0])}
     assert metasmoothness.sign_agreement(a, a) == 1.0
@@ -138,6 +164,20 @@ def test_audit_poison_command(tmp_path):
     delta = np.load(out / "poison_delta.npy")
     assert delta.shape == (len(report["poison_indices"]), 6)
     assert np.abs(delta).max() == pytest.approx(report["poison_linf"])
+    # a saved poison is re-scored without the attack: same examples, same retrained accuracies
+    rescored = tmp_path / "rescored"
+    args = ["audit-poison", "--data", str(tmp_path / "toy.npz"), "--eval-seeds", "2", "--num-steps", "20",
+            "--batch-size", "32", "--hidden", "8", "--no-progress"]
+    assert main(args + ["--out", str(rescored), "--poison", str(out / "poison_delta.npy")]) == 0
+    again = json.loads((rescored / "report.json").read_text())
+    assert again["history"] == [] and again["attack_seconds"] is None
+    assert again["test_accuracy"] == report["test_accuracy"] and again["poison_indices"] == report["poison_indices"]
+    np.save(tmp_path / "short.npy", delta[:-1])
+    with pytest.raises(ValueError, match="saved poison has shape"):
+        main(args + ["--out", str(rescored), "--poison", str(tmp_path / "short.npy")])
+    np.save(tmp_path / "big.npy", 3 * delta + 5.0)
+    with pytest.raises(ValueError, match="leaves the L-inf ball"):
+        main(args + ["--out", str(rescored), "--poison", str(tmp_path / "big.npy")])
     with pytest.raises(SystemExit, match="arrays 'x' and 'y'"):
         np.savez(tmp_path / "bad.npz", inputs=x)
         main(["audit-poison", "--data", str(tmp_path / "bad.npz"), "--out", str(out)])

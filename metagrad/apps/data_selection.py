@@ -74,16 +74,18 @@ def top_weight_indices(weights, keep: int) -> np.ndarray:
 
 
 def select_data(base: TrainingProblem, noisy: Dataset, flipped: np.ndarray, *, keep_fraction: float,
-                meta_steps: int, seeds=(0, 1, 2), meta_optimizer=None, k: int = 8, progress: bool = True) -> dict:
+                meta_steps: int, seeds=(0, 1, 2), meta_optimizer=None, k: int = 8, checkpoint_dir=None,
+                progress: bool = True) -> dict:
     """Compare MGD selection with full data, a random subset and small-loss filtering.
 
     Every method trains fresh models with ``seeds`` on its subset; ``flipped``
     (the label noise) is used only to report what each selection removed.
+    ``checkpoint_dir`` makes the MGD run resumable (see :func:`~metagrad.mgd.mgd`).
     """
     keep = int(round(keep_fraction * noisy.num_train))
     weighted = dataclasses.replace(base, data=noisy, data_weights=DataWeights(), poison=None)
     result = optimize_data_weights(weighted, meta_steps=meta_steps, meta_optimizer=meta_optimizer, k=k,
-                                   progress=progress)
+                                   checkpoint_dir=checkpoint_dir, progress=progress)
     weights = np.asarray(result.best_meta["data_weights"])
     rng = np.random.default_rng(1234)
     selections = {

@@ -81,6 +81,8 @@ def optimize_lr_schedule(problem: TrainingProblem, *, meta_steps: int = 50, meta
                  optimizer=meta_optimizer or optax.adam(0.01), num_meta_steps=meta_steps,
                  project=problem.project_meta, checkpoint_dir=checkpoint_dir, progress=progress)
     mgd_seconds = time.perf_counter() - tic
+    if result.resumed_from:  # the wall clock saw only this run's part; the log has every meta-step's time
+        mgd_seconds = float(sum(h["seconds"] for h in result.history))
     return {
         "initial": problem.evaluate(meta0),
         "final": problem.evaluate(result.best_meta),
@@ -88,5 +90,6 @@ def optimize_lr_schedule(problem: TrainingProblem, *, meta_steps: int = 50, meta
         "learned_knots": np.asarray(result.best_meta["lr_schedule"]).tolist(),
         "history": result.history,
         "mgd_seconds": mgd_seconds,
+        "resumed_from_meta_step": result.resumed_from,
         "seconds_per_training_run": seconds_per_training_run(problem, meta0),
     }

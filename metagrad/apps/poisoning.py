@@ -49,6 +49,28 @@ def flip_poisoned_labels(dataset: Dataset, spec: Poison, seed: int = 0) -> Datas
 FRESH_SEED_START = 10_000
 
 
+def influential_subset(base: TrainingProblem, fraction: float, eps: float, *, seeds=(20_000, 20_001, 20_002, 20_003),
+                       k: int = 8) -> tuple[Poison, np.ndarray]:
+    """Poison the ``fraction`` of training inputs the validation loss is most sensitive to.
+
+    One metagradient with respect to a perturbation of *every* training input,
+    at zero perturbation and averaged over the training ``seeds``, scores each
+    example by the L1 norm of its row: the first-order gain of an L-inf step of
+    radius ``eps`` on it. The top ``fraction`` are chosen. This is the greedy
+    first-order rule for choosing which points to poison (the choice the attack
+    of Engstrom et al. 2025, Sec. 5.2, leaves open); it costs ``len(seeds)``
+    metagradients. Returns the :class:`Poison` and every example's score.
+    """
+    n = base.data.num_train
+    everyone = Poison(tuple(range(n)), eps)
+    attack = dataclasses.replace(base, poison=everyone, data_weights=None, maximize=True)
+    _, grad = mean_value_and_metagrad(attack, attack.init_meta(), list(seeds), k=k)
+    scores = np.abs(np.asarray(grad["poison"])).reshape(n, -1).sum(axis=1)
+    count = max(1, int(round(fraction * n)))
+    chosen = np.sort(np.argsort(-scores, kind="stable")[:count])
+    return Poison(tuple(chosen.tolist()), eps), scores
+
+
 def fresh_attack_seeds(meta_step: int, seeds_per_step: int, start: int = FRESH_SEED_START) -> list[int]:
     """The training seeds of meta-step ``meta_step`` when every meta-step draws new ones (a function of the index)."""
     return [start + meta_step * seeds_per_step + j for j in range(seeds_per_step)]
@@ -106,6 +128,24 @@ def optimize_poison(base: TrainingProblem, spec: Poison, *, meta_steps: int, ste
     return result
 
 
+def check_saved_poison(delta, spec: Poison, dataset: Dataset) -> np.ndarray:
+    """``delta`` as an array, after checking it fits ``spec`` (shape, L-inf budget, valid input range)."""
+    delta = np.asarray(delta)
+    expected = (len(spec.indices), *dataset.input_shape)
+    if delta.shape != expected:
+        raise ValueError(f"the saved poison has shape {delta.shape}, but {len(spec.indices)} poisoned examples of "
+                         f"shape {dataset.input_shape} need {expected}: pass the fraction and selection seed that "
+                         "made it.")
+    if not np.all(np.isfinite(delta)):
+        raise ValueError("the saved poison holds NaN or inf; recompute it.")
+    projected = np.asarray(spec.project(jnp.asarray(delta), jnp.asarray(dataset.x_train[list(spec.indices)]),
+                                        dataset.input_range))
+    if np.abs(projected - delta).max() > 1e-5 * max(spec.eps, 1.0):
+        raise ValueError(f"the saved poison leaves the L-inf ball of radius {spec.eps} or the input range "
+                         f"{dataset.input_range} (max |delta| {np.abs(delta).max():.4g}): pass the eps that made it.")
+    return delta
+
+
 def retrain_metrics(base: TrainingProblem, dataset: Dataset, seeds) -> list[dict]:
     """``evaluate()`` of fresh models (one per seed) trained on ``dataset`` (loss and accuracy per split)."""
     out = []
@@ -123,26 +163,47 @@ def retrain_accuracy(base: TrainingProblem, dataset: Dataset, seeds) -> list[flo
 def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, meta_steps: int = 30,
           attack_seeds=(0, 1), seeds_per_step=None, seed_start: int = FRESH_SEED_START, step_size=None,
           final_step_fraction: float = 1.0, eval_seeds=(100, 101, 102), selection_seed: int = 0, k: int = 8,
-          checkpoint_dir=None, progress: bool = True) -> dict:
+          checkpoint_dir=None, progress: bool = True, poison_delta=None, choose: str = "random",
+          choice_seeds=(20_000, 20_001, 20_002, 20_003)) -> dict:
     """Poison ``fraction`` of ``base``'s training set by MGD and compare with random noise and label flips.
 
     The attack averages over ``attack_seeds`` or, with ``seeds_per_step=n``, over
     ``n`` fresh training seeds per meta-step (seeds ``seed_start ...``); see
     :func:`optimize_poison`. Returns test accuracies on the clean and each
     poisoned set (retrained from ``eval_seeds``, disjoint from every seed the
-    attack trained from) and the drops in points; ``poison_delta`` is the
-    perturbation (an array; :func:`write_audit_report` saves it as ``.npy``).
+    attack trained from) and the drops in points, each the mean over
+    ``eval_seeds`` of the paired per-seed drop (``drop_points_sem``: its
+    standard error); ``poison_delta`` is the perturbation (an array;
+    :func:`write_audit_report` saves it as ``.npy``). Passing ``poison_delta``
+    (e.g. a saved ``poison_delta.npy``, with the ``fraction``, ``eps`` and
+    ``selection_seed`` that made it) skips the attack and scores that
+    perturbation, e.g. on more retraining seeds.
+
+    ``choose`` picks the poisoned examples: ``"random"`` (seeded by
+    ``selection_seed``) or ``"influence"`` (:func:`influential_subset`, trained
+    from ``choice_seeds``); the baselines perturb or relabel the same examples.
     """
+    if choose not in ("random", "influence"):
+        raise ValueError(f"choose must be 'random' or 'influence', got {choose!r}.")
     used = attack_seeds_used(meta_steps, attack_seeds, seeds_per_step, seed_start)
+    if choose == "influence":
+        used = used | set(choice_seeds)
     if used & set(eval_seeds):
-        raise ValueError("eval_seeds must differ from attack_seeds: the audit retrains from fresh seeds.")
+        raise ValueError("eval_seeds must differ from the seeds the attack trains from: the audit retrains from "
+                         "fresh seeds.")
     data = base.data
-    spec = Poison.random_subset(data.num_train, fraction, eps, seed=selection_seed)
-    result = optimize_poison(base, spec, meta_steps=meta_steps, step_size=step_size,
-                             final_step_fraction=final_step_fraction, attack_seeds=attack_seeds,
-                             seeds_per_step=seeds_per_step, seed_start=seed_start, k=k,
-                             checkpoint_dir=checkpoint_dir, progress=progress)
-    delta = np.asarray(result.best_meta["poison"])
+    if choose == "influence":
+        spec, _ = influential_subset(base, fraction, eps, seeds=choice_seeds, k=k)
+    else:
+        spec = Poison.random_subset(data.num_train, fraction, eps, seed=selection_seed)
+    if poison_delta is None:
+        result = optimize_poison(base, spec, meta_steps=meta_steps, step_size=step_size,
+                                 final_step_fraction=final_step_fraction, attack_seeds=attack_seeds,
+                                 seeds_per_step=seeds_per_step, seed_start=seed_start, k=k,
+                                 checkpoint_dir=checkpoint_dir, progress=progress)
+        delta, history = np.asarray(result.best_meta["poison"]), result.history
+    else:
+        delta, history = check_saved_poison(poison_delta, spec, data), []
     sets = {
         "clean": data,
         "random noise": apply_poison(data, spec, random_perturbation(data, spec, seed=selection_seed)),
@@ -151,8 +212,10 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
     }
     metrics = {name: retrain_metrics(base, ds, eval_seeds) for name, ds in sets.items()}
     accuracy = {name: [m["test_accuracy"] for m in ms] for name, ms in metrics.items()}
-    clean = float(np.mean(accuracy["clean"]))
-    drops = {name: 100.0 * (clean - float(np.mean(a))) for name, a in accuracy.items() if name != "clean"}
+    clean = np.asarray(accuracy["clean"])
+    paired = {name: 100.0 * (clean - np.asarray(a)) for name, a in accuracy.items() if name != "clean"}
+    drops = {name: float(d.mean()) for name, d in paired.items()}
+    drops_sem = {name: float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0 for name, d in paired.items()}
     best_baseline = max(drops["random noise"], drops["label flip"])
     if seeds_per_step is None:
         seeds_desc = {"attack_seeds": list(attack_seeds)}
@@ -160,7 +223,9 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
         seeds_desc = {"seeds_per_step": seeds_per_step,
                       "attack_seed_range": [seed_start, seed_start + meta_steps * seeds_per_step - 1]}
     return {
-        "setting": {"fraction": fraction, "num_poisoned": len(spec.indices), "eps": eps, "meta_steps": meta_steps,
+        "setting": {"fraction": fraction, "num_poisoned": len(spec.indices), "choose": choose,
+                    **({"choice_seeds": list(choice_seeds)} if choose == "influence" else {}),
+                    "eps": eps, "meta_steps": meta_steps,
                     "step_size": step_size if step_size is not None else eps / 8,
                     "final_step_fraction": final_step_fraction, **seeds_desc, "eval_seeds": list(eval_seeds),
                     "input_range": list(data.input_range)},
@@ -168,11 +233,12 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
         "val_accuracy": {name: [m["val_accuracy"] for m in ms] for name, ms in metrics.items()},
         "val_loss": {name: [m["val_loss"] for m in ms] for name, ms in metrics.items()},
         "drop_points": drops,
+        "drop_points_sem": drops_sem,
         "ratio_to_best_baseline": drops["MGD poison"] / best_baseline if best_baseline > 0 else float("inf"),
         "poison_indices": list(spec.indices),
         "poison_linf": float(np.abs(delta).max()),
-        "attack_seconds": float(sum(h["seconds"] for h in result.history)),
-        "history": result.history,
+        "attack_seconds": float(sum(h["seconds"] for h in history)) if history else None,
+        "history": history,
         "poison_delta": delta,
     }
 
@@ -184,9 +250,13 @@ def audit_table(report: dict) -> str:
     for name, accs in report["test_accuracy"].items():
         accs = np.asarray(accs)
         spread = accs.std(ddof=1) if len(accs) > 1 else 0.0
-        drop = "-" if name == "clean" else f"{report['drop_points'][name]:.1f}"
+        if name == "clean":
+            drop = "-"
+        else:
+            sem = report.get("drop_points_sem", {}).get(name)
+            drop = f"{report['drop_points'][name]:.1f}" + ("" if sem is None else f" ± {sem:.1f}")
         rows.append((name, f"{accs.mean():.4f} ± {spread:.4f}", drop))
-    return format_table(("training set", "test acc (mean ± sd)", "drop (points)"), rows)
+    return format_table(("training set", "test acc (mean ± sd)", "drop (points, ± paired s.e.)"), rows)
 
 
 def write_audit_report(report: dict, out_dir: str) -> None:
@@ -209,8 +279,13 @@ def write_audit_report(report: dict, out_dir: str) -> None:
     ax1.set_xticks(range(len(names)), names)
     ax1.set(ylabel="test accuracy (fresh seeds)", title=f"{report['setting']['num_poisoned']} poisoned examples, "
             f"eps {report['setting']['eps']}")
-    ax2.plot([-h["objective"] for h in report["history"]])
-    ax2.set(xlabel="meta-step", ylabel="validation loss (attack seeds)", title="MGD attack objective")
+    if report["history"]:
+        ax2.plot([-h["objective"] for h in report["history"]])
+        ax2.set(xlabel="meta-step", ylabel="validation loss (attack seeds)", title="MGD attack objective")
+    else:
+        ax2.text(0.5, 0.5, f"saved poison re-scored\n({report.get('poison_source', 'given array')})",
+                 ha="center", va="center", transform=ax2.transAxes)
+        ax2.set_axis_off()
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "poisoning.png"), dpi=120)
     plt.close(fig)
