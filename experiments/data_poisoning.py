@@ -30,7 +30,7 @@ import optax
 
 import metagrad as mg
 from metagrad.apps import poisoning
-from metagrad.mgd import checkpoint_folder
+from metagrad.mgd import checkpoint_folder, run_settings
 
 
 def main():
@@ -47,12 +47,14 @@ def main():
                         help="audited model: a 1-D CNN 8-8 with average pooling (metasmoother, default) or MLP 64-64")
     parser.add_argument("--batch-size", type=int, default=128, help="audited setup's batch size")
     parser.add_argument("--lr", type=float, default=0.03, help="audited setup's LR (SGD, momentum 0.9)")
+    parser.add_argument("--choose", choices=("random", "influence"), default="random",
+                        help="poisoned inputs: a random 2.5%% or those with the largest metagradient (seeds 20000-20003)")
     parser.add_argument("--eval-seeds", type=int, default=10, help="fresh retraining seeds 100, 101, ... (--quick: 3)")
     parser.add_argument("--poison", help="re-score this saved poison_delta.npy instead of running the attack")
     parser.add_argument("--fresh", action="store_true", help="discard the attack checkpoints in --out/mgd_checkpoints")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    checkpoint_dir = checkpoint_folder(args.out, fresh=args.fresh)
+    checkpoint_dir = checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args))
     if args.quick:
         num_steps, hidden, meta_steps, attack_seeds, seeds_per_step = 100, (32,), 5, 2, 2
     else:
@@ -70,7 +72,7 @@ def main():
     report = poisoning.audit(base, fraction=0.025, eps=args.eps, meta_steps=meta_steps,
                              attack_seeds=tuple(range(attack_seeds)), seeds_per_step=seeds_per_step or None,
                              final_step_fraction=args.final_step_fraction, eval_seeds=eval_seeds,
-                             checkpoint_dir=checkpoint_dir, progress=not args.no_progress,
+                             checkpoint_dir=checkpoint_dir, progress=not args.no_progress, choose=args.choose,
                              poison_delta=None if args.poison is None else np.load(args.poison))
     if args.poison is not None:
         report["poison_source"] = os.path.abspath(args.poison)

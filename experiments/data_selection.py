@@ -20,7 +20,7 @@ import optax
 
 import metagrad as mg
 from metagrad.apps import data_selection as app
-from metagrad.mgd import checkpoint_folder
+from metagrad.mgd import checkpoint_folder, run_settings
 from metagrad.report import format_table, pyplot, write_json
 
 
@@ -39,7 +39,7 @@ def main():
     base = mg.TrainingProblem(mg.MLP(hidden=hidden), optax.sgd(0.03, momentum=0.9), noisy, num_steps=num_steps,
                               lr_schedule=None)
     out = app.select_data(base, noisy, flipped, keep_fraction=args.keep, meta_steps=meta_steps, seeds=seeds,
-                          meta_optimizer=optax.adam(0.05), checkpoint_dir=checkpoint_folder(args.out, fresh=args.fresh),
+                          meta_optimizer=optax.adam(0.05), checkpoint_dir=checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args)),
                           progress=not args.no_progress)
     methods = out["methods"]
     mgd_mean = np.mean(methods["MGD selection"]["test_accuracy"])

@@ -20,7 +20,7 @@ import optax
 
 import metagrad as mg
 from metagrad.apps import lr_schedule as app
-from metagrad.mgd import checkpoint_folder
+from metagrad.mgd import checkpoint_folder, run_settings
 from metagrad.report import format_table, pyplot, write_json
 
 
@@ -40,7 +40,7 @@ def main():
     grid = app.grid_search(problem, progress=not args.no_progress)
     grid_seconds = time.perf_counter() - tic
     mgd_result = app.optimize_lr_schedule(problem, meta_steps=meta_steps, meta_optimizer=optax.adam(0.01),
-                                          checkpoint_dir=checkpoint_folder(args.out, fresh=args.fresh),
+                                          checkpoint_dir=checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args)),
                                           progress=not args.no_progress)
     unit = mgd_result["seconds_per_training_run"]
     best = grid[0]

@@ -44,7 +44,7 @@ def _audit_poison(args) -> int:
     import numpy as np
 
     from .apps import poisoning
-    from .mgd import checkpoint_folder
+    from .mgd import checkpoint_folder, run_settings
     from .models import CNN1D, MLP
     from .training import TrainingProblem
 
@@ -61,7 +61,7 @@ def _audit_poison(args) -> int:
                              seeds_per_step=args.seeds_per_step or None,
                              final_step_fraction=args.final_step_fraction,
                              eval_seeds=tuple(range(1000, 1000 + args.eval_seeds)), choose=args.choose,
-                             checkpoint_dir=checkpoint_folder(args.out, fresh=args.fresh), progress=not args.no_progress,
+                             checkpoint_dir=checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args)), progress=not args.no_progress,
                              poison_delta=None if args.poison is None else np.load(args.poison))
     report["dataset"] = args.data
     if args.poison is not None:

@@ -93,18 +93,44 @@ class MGDCheckpointer:
         self.manager.close()
 
 
-def checkpoint_folder(out_dir: str, *, fresh: bool = False) -> str:
+def checkpoint_folder(out_dir: str, *, fresh: bool = False, settings: dict | None = None) -> str:
     """``out_dir/mgd_checkpoints``: where a script's MGD run saves every meta-step, so a rerun resumes it.
 
-    ``fresh=True`` deletes the checkpoints of an earlier run there first (a new
-    run with other settings must not resume an old one).
+    ``fresh=True`` deletes the checkpoints of an earlier run there first. With
+    ``settings`` (a JSON-able dict of what defines the run), they are stored in
+    the folder, and a rerun with other settings is refused instead of silently
+    resuming a different run.
     """
+    import json
     import shutil
 
     folder = os.path.join(out_dir, "mgd_checkpoints")
     if fresh:
         shutil.rmtree(folder, ignore_errors=True)
+    if settings is not None:
+        path = os.path.join(folder, "settings.json")
+        settings = json.loads(json.dumps(settings))
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved != settings:
+                changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+                raise ValueError(f"{folder} holds the checkpoints of a run with other settings ({', '.join(changed)}): "
+                                 "pass --fresh to discard them, or choose another --out.")
+        else:
+            os.makedirs(folder, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(settings, f, indent=1)
     return folder
+
+
+def run_settings(args, ignore=("out", "fresh", "no_progress", "poison", "func", "eval_seeds", "meta_steps")) -> dict:
+    """The parsed command-line options that define an MGD run (for :func:`checkpoint_folder`).
+
+    The number of meta-steps is left out: a rerun with more of them extends
+    the saved run.
+    """
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ignore}
 
 
 def _tree_norm(tree) -> float:

@@ -57,6 +57,28 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
     assert again.resumed_from == 5 and len(again.history) == 5
 
 
+def test_a_script_checkpoint_folder_refuses_to_resume_a_run_with_other_settings(tmp_path):
+    import argparse
+
+    from metagrad.mgd import checkpoint_folder, run_settings
+
+    problem = _lr_only_problem()
+    meta0 = problem.init_meta()
+    kwargs = dict(optimizer=optax.adam(0.02), project=problem.project_meta, progress=False)
+    args = argparse.Namespace(out=str(tmp_path), fresh=False, no_progress=True, meta_steps=2, lr=0.03)
+    folder = checkpoint_folder(args.out, settings=run_settings(args))
+    mgd(_vg(problem), meta0, num_meta_steps=2, checkpoint_dir=folder, **kwargs)
+    # more meta-steps extend the saved run
+    longer = argparse.Namespace(**{**vars(args), "meta_steps": 3})
+    folder = checkpoint_folder(args.out, settings=run_settings(longer))
+    assert mgd(_vg(problem), meta0, num_meta_steps=3, checkpoint_dir=folder, **kwargs).resumed_from == 2
+    other = argparse.Namespace(**{**vars(args), "lr": 0.1})
+    with pytest.raises(ValueError, match=r"other settings \(lr\).*--fresh"):
+        checkpoint_folder(args.out, settings=run_settings(other))
+    folder = checkpoint_folder(args.out, fresh=True, settings=run_settings(other))
+    assert mgd(_vg(problem), meta0, num_meta_steps=1, checkpoint_dir=folder, **kwargs).resumed_from == 0
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     problem = _lr_only_problem()
     meta0 = problem.init_meta()
