@@ -3,7 +3,10 @@
     python experiments/data_poisoning.py [--quick] [--out experiments/results/data_poisoning]
 
 MGD perturbs 2.5% of the training inputs (L-inf radius eps, kept in the data's
-range) to maximize validation loss. By default every meta-step averages the
+range) to maximize validation loss. The inputs are by default those with the
+largest metagradient at zero perturbation (--choose influence: the first-order
+gain of an L-inf step, averaged over training seeds 20000-20003); --choose
+random takes a random 2.5%. By default every meta-step averages the
 metagradient over --seeds-per-step *new* training seeds (10000, 10001, ...: an
 expectation over the training run's randomness); --seeds-per-step 0 averages
 over the fixed seeds 0 .. --attack-seeds - 1 instead. Models are then retrained
@@ -47,7 +50,7 @@ def main():
                         help="audited model: a 1-D CNN 8-8 with average pooling (metasmoother, default) or MLP 64-64")
     parser.add_argument("--batch-size", type=int, default=128, help="audited setup's batch size")
     parser.add_argument("--lr", type=float, default=0.03, help="audited setup's LR (SGD, momentum 0.9)")
-    parser.add_argument("--choose", choices=("random", "influence"), default="random",
+    parser.add_argument("--choose", choices=("random", "influence"), default="influence",
                         help="poisoned inputs: a random 2.5%% or those with the largest metagradient (seeds 20000-20003)")
     parser.add_argument("--eval-seeds", type=int, default=10, help="fresh retraining seeds 100, 101, ... (--quick: 3)")
     parser.add_argument("--poison", help="re-score this saved poison_delta.npy instead of running the attack")

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     audit.add_argument("--final-step-fraction", type=float, default=1.0,
                        help="the signed step decays linearly from eps/8 to this fraction of it")
     audit.add_argument("--eval-seeds", type=int, default=10, help="fresh training seeds for the evaluation")
-    audit.add_argument("--choose", choices=("random", "influence"), default="random",
+    audit.add_argument("--choose", choices=("random", "influence"), default="influence",
                        help="which inputs to poison: a random subset, or those with the largest metagradient")
     audit.add_argument("--poison", help="re-score this saved poison_delta.npy (same --fraction/--eps/--choose) "
                        "instead of running the attack")
