@@ -57,7 +57,7 @@ def main():
     parser.add_argument("--fresh", action="store_true", help="discard the attack checkpoints in --out/mgd_checkpoints")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    checkpoint_dir = checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args))
+    checkpoint_dir = None if args.poison else checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args))
     if args.quick:
         num_steps, hidden, meta_steps, attack_seeds, seeds_per_step = 100, (32,), 5, 2, 2
     else:

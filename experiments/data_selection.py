@@ -38,9 +38,9 @@ def main():
     noisy, flipped = app.flip_labels(mg.mnist1d(), args.noise, seed=0)
     base = mg.TrainingProblem(mg.MLP(hidden=hidden), optax.sgd(0.03, momentum=0.9), noisy, num_steps=num_steps,
                               lr_schedule=None)
+    checkpoint_dir = checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args))
     out = app.select_data(base, noisy, flipped, keep_fraction=args.keep, meta_steps=meta_steps, seeds=seeds,
-                          meta_optimizer=optax.adam(0.05), checkpoint_dir=checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args)),
-                          progress=not args.no_progress)
+                          meta_optimizer=optax.adam(0.05), checkpoint_dir=checkpoint_dir, progress=not args.no_progress)
     methods = out["methods"]
     mgd_mean = np.mean(methods["MGD selection"]["test_accuracy"])
     baselines = max(np.mean(m["test_accuracy"]) for name, m in methods.items() if name != "MGD selection")

@@ -39,9 +39,9 @@ def main():
     tic = time.perf_counter()
     grid = app.grid_search(problem, progress=not args.no_progress)
     grid_seconds = time.perf_counter() - tic
+    checkpoint_dir = checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args))
     mgd_result = app.optimize_lr_schedule(problem, meta_steps=meta_steps, meta_optimizer=optax.adam(0.01),
-                                          checkpoint_dir=checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args)),
-                                          progress=not args.no_progress)
+                                          checkpoint_dir=checkpoint_dir, progress=not args.no_progress)
     unit = mgd_result["seconds_per_training_run"]
     best = grid[0]
     report = {

@@ -39,9 +39,8 @@ def _load_dataset(spec: str):
 
 
 def _audit_poison(args) -> int:
-    import optax
-
     import numpy as np
+    import optax
 
     from .apps import poisoning
     from .mgd import checkpoint_folder, run_settings
@@ -61,7 +60,9 @@ def _audit_poison(args) -> int:
                              seeds_per_step=args.seeds_per_step or None,
                              final_step_fraction=args.final_step_fraction,
                              eval_seeds=tuple(range(1000, 1000 + args.eval_seeds)), choose=args.choose,
-                             checkpoint_dir=checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args)), progress=not args.no_progress,
+                             checkpoint_dir=None if args.poison else checkpoint_folder(args.out, fresh=args.fresh,
+                                                                                       settings=run_settings(args)),
+                             progress=not args.no_progress,
                              poison_delta=None if args.poison is None else np.load(args.poison))
     report["dataset"] = args.data
     if args.poison is not None:

@@ -110,14 +110,16 @@ def checkpoint_folder(out_dir: str, *, fresh: bool = False, settings: dict | Non
     if settings is not None:
         path = os.path.join(folder, "settings.json")
         settings = json.loads(json.dumps(settings))
+        saved = None
         if os.path.exists(path):
             with open(path) as f:
                 saved = json.load(f)
-            if saved != settings:
-                changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-                raise ValueError(f"{folder} holds the checkpoints of a run with other settings ({', '.join(changed)}): "
-                                 "pass --fresh to discard them, or choose another --out.")
-        else:
+        has_checkpoints = os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+        if saved is not None and saved != settings and has_checkpoints:
+            changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+            raise ValueError(f"{folder} holds the checkpoints of a run with other settings ({', '.join(changed)}): "
+                             "pass --fresh to discard them, or choose another --out.")
+        if saved != settings:
             os.makedirs(folder, exist_ok=True)
             with open(path, "w") as f:
                 json.dump(settings, f, indent=1)
