@@ -332,21 +332,36 @@ def _objective(spec, perms, g1, g2) -> float:
 
 
 def _coordinate_ascent(spec, perms, g1, g2, rng, max_iter, order=None):
-    """Alternating linear assignments from ``perms`` until a pass changes nothing (modifies a copy)."""
+    """Alternating linear assignments from ``perms`` until a pass changes nothing (modifies a copy).
+
+    A permutation already solved against the current values of all the others
+    is skipped: its cost matrix is the same, so the assignment would keep it
+    (the result is identical to solving again, at no cost).
+    """
     perms = dict(perms)
     names = list(spec.names)
+    changes = dict.fromkeys(names, 0)  # how often each permutation has changed
+    solved_against = {}  # name -> the others' change counts when it was last solved
+
+    def others(name):
+        return tuple(changes[other] for other in names if other != name)
+
     for it in range(max_iter):
         improved = False
         visit = order if (order is not None and it == 0) else rng.permutation(len(names))
         for idx in visit:
             name = names[idx]
+            if solved_against.get(name) == others(name):
+                continue
             cost = _cost_matrix(spec, name, perms, g1, g2)
             rows, cols = linear_sum_assignment(cost, maximize=True)
             old = cost[np.arange(len(cols)), perms[name]].sum()
             new = cost[rows, cols].sum()
             if new > old + 1e-9 * max(abs(old), 1e-30):
                 perms[name] = cols.astype(np.int32)
+                changes[name] += 1
                 improved = True
+            solved_against[name] = others(name)
         if not improved:
             break
     return perms
@@ -431,10 +446,14 @@ class TransferResult:
     objective: list
 
 
+PAD_MULTIPLE = 8  # stacks are zero-padded to a multiple of this: few compiled shapes, little wasted work
+
+
 def _stack(trees, length: int | None = None):
     """Stack pytrees (host-side numpy) along a new leading axis, zero-padded to ``length``.
 
-    The padding keeps the operand shapes of the jitted products in :func:`_cost_matrix` fixed for every ``s``."""
+    The padding (to a multiple of ``PAD_MULTIPLE`` in GMT/FGMT) keeps the operand shapes of the jitted products
+    in :func:`_cost_matrix` to a few, so they compile a few times, not once per ``s``."""
     length = len(trees) if length is None else length
 
     def stack(*xs):
@@ -470,7 +489,8 @@ def _run_matching(spec, source: Trajectory, target_start, grad_fn, *, recompute:
             target_grads.append(grad_fn(theta2, s - 1))
             evals += 1
         # zero-padded slots add nothing to the matching objective
-        perms, obj = match_gradients(spec, _stack(source_grads, T), _stack(target_grads, T), init=perms,
+        padded = min(T, -(-s // PAD_MULTIPLE) * PAD_MULTIPLE)
+        perms, obj = match_gradients(spec, _stack(source_grads, padded), _stack(target_grads, padded), init=perms,
                                      max_iter=max_iter, seed=seed + s, normalize=normalize)
         history.append(obj)
         trajectory.append(_transfer(spec, perms, theta1_0, source.at(s), target_start))
