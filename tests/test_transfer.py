@@ -267,3 +267,38 @@ def test_matching_escapes_the_local_optimum_of_a_single_start():
         assert objective == pytest.approx(best, rel=1e-5), seed
         for name in spec.names:
             np.testing.assert_array_equal(np.asarray(found[name]), np.asarray(sigma[name]))
+
+
+def test_coordinate_ascent_skipping_solved_permutations_changes_nothing():
+    """The ascent skips a permutation already solved against the others' current values; on unplanted random
+    "gradients" (many local optima, many passes) it must return what solving every visit again returns."""
+    from scipy.optimize import linear_sum_assignment
+
+    model = mg.MLP(hidden=(16, 12, 10), num_classes=5)
+    spec = tr.permutation_spec(_init(model, jnp.ones((1, 7))))
+    names = list(spec.names)
+
+    def reference(perms, g1, g2, rng, max_iter=100):
+        perms = dict(perms)
+        for _ in range(max_iter):
+            improved = False
+            for idx in rng.permutation(len(names)):
+                cost = tr._cost_matrix(spec, names[idx], perms, g1, g2)
+                rows, cols = linear_sum_assignment(cost, maximize=True)
+                old, new = cost[np.arange(len(cols)), perms[names[idx]]].sum(), cost[rows, cols].sum()
+                if new > old + 1e-9 * max(abs(old), 1e-30):
+                    perms[names[idx]], improved = cols.astype(np.int32), True
+            if not improved:
+                return perms
+        return perms
+
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        params = _init(model, jnp.ones((1, 7)), seed=seed)
+        g1, g2 = ({k: jax.tree.map(lambda a: rng.normal(size=(2,) + a.shape), v) for k, v in params.items()}
+                  for _ in range(2))
+        start = {k: np.asarray(v) for k, v in tr.random_permutation(spec, seed).items()}
+        expected = reference(start, g1, g2, np.random.default_rng(100 + seed))
+        found = tr._coordinate_ascent(spec, start, g1, g2, np.random.default_rng(100 + seed), 100)
+        for name in names:
+            np.testing.assert_array_equal(found[name], expected[name])
