@@ -14,7 +14,8 @@ from --eval-seeds fresh seeds (100, 101, ...: never used by the attack) and
 scored on the untouched test split; each drop is the mean of the paired
 per-seed drops, with its standard error. The attack checkpoints every meta-step
 under <out>/mgd_checkpoints and a rerun resumes there (--fresh starts over);
---poison FILE skips the attack and re-scores a saved poison_delta.npy.
+--poison FILE skips the attack and re-scores a saved poison_delta.npy (on
+the examples in the poison_indices.npy beside it).
 Baselines with the same budget: random perturbations (corners of the L-inf
 ball) and flipping the labels of the same examples.
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import numpy as np
 import optax
 
 import metagrad as mg
@@ -72,11 +72,12 @@ def main():
     base = mg.TrainingProblem(model, optax.sgd(args.lr, momentum=0.9), mg.mnist1d(),
                               num_steps=num_steps, batch_size=args.batch_size, lr_schedule=None)
     eval_seeds = tuple(range(100, 100 + (3 if args.quick else args.eval_seeds)))
+    saved_delta, saved_indices = poisoning.load_poison(args.poison) if args.poison else (None, None)
     report = poisoning.audit(base, fraction=0.025, eps=args.eps, meta_steps=meta_steps,
                              attack_seeds=tuple(range(attack_seeds)), seeds_per_step=seeds_per_step or None,
                              final_step_fraction=args.final_step_fraction, eval_seeds=eval_seeds,
                              checkpoint_dir=checkpoint_dir, progress=not args.no_progress, choose=args.choose,
-                             poison_delta=None if args.poison is None else np.load(args.poison))
+                             poison_delta=saved_delta, poison_indices=saved_indices)
     if args.poison is not None:
         report["poison_source"] = os.path.abspath(args.poison)
     drop = report["drop_points"]["MGD poison"]

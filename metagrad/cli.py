@@ -39,7 +39,6 @@ def _load_dataset(spec: str):
 
 
 def _audit_poison(args) -> int:
-    import numpy as np
     import optax
 
     from .apps import poisoning
@@ -55,6 +54,7 @@ def _audit_poison(args) -> int:
     base = TrainingProblem(model,
                            optax.sgd(args.lr, momentum=0.9), dataset, num_steps=args.num_steps,
                            batch_size=min(args.batch_size, dataset.num_train), lr_schedule=None)
+    saved_delta, saved_indices = poisoning.load_poison(args.poison) if args.poison else (None, None)
     report = poisoning.audit(base, fraction=args.fraction, eps=args.eps, meta_steps=args.meta_steps,
                              attack_seeds=tuple(range(args.attack_seeds)),
                              seeds_per_step=args.seeds_per_step or None,
@@ -63,7 +63,7 @@ def _audit_poison(args) -> int:
                              checkpoint_dir=None if args.poison else checkpoint_folder(args.out, fresh=args.fresh,
                                                                                        settings=run_settings(args)),
                              progress=not args.no_progress,
-                             poison_delta=None if args.poison is None else np.load(args.poison))
+                             poison_delta=saved_delta, poison_indices=saved_indices)
     report["dataset"] = args.data
     if args.poison is not None:
         report["poison_source"] = os.path.abspath(args.poison)
@@ -102,8 +102,8 @@ def main(argv=None) -> int:
     audit.add_argument("--eval-seeds", type=int, default=10, help="fresh training seeds for the evaluation")
     audit.add_argument("--choose", choices=("random", "influence"), default="influence",
                        help="which inputs to poison: a random subset, or those with the largest metagradient")
-    audit.add_argument("--poison", help="re-score this saved poison_delta.npy (same --fraction/--eps/--choose) "
-                       "instead of running the attack")
+    audit.add_argument("--poison", help="re-score this saved poison_delta.npy instead of running the attack (on the "
+                       "examples in poison_indices.npy beside it; without that file they are chosen again)")
     audit.add_argument("--fresh", action="store_true", help="discard the attack checkpoints in --out/mgd_checkpoints")
     audit.add_argument("--num-steps", type=int, default=500)
     audit.add_argument("--batch-size", type=int, default=128)

@@ -164,13 +164,15 @@ def test_audit_poison_command(tmp_path):
     delta = np.load(out / "poison_delta.npy")
     assert delta.shape == (len(report["poison_indices"]), 6)
     assert np.abs(delta).max() == pytest.approx(report["poison_linf"])
-    # a saved poison is re-scored without the attack: same examples, same retrained accuracies
+    np.testing.assert_array_equal(np.load(out / "poison_indices.npy"), report["poison_indices"])
+    # a saved poison is re-scored without the attack, on the examples saved beside it (not chosen again by the
+    # random rule asked for here): same examples, same retrained accuracies
     rescored = tmp_path / "rescored"
     args = ["audit-poison", "--data", str(tmp_path / "toy.npz"), "--eval-seeds", "2", "--num-steps", "20",
             "--batch-size", "32", "--hidden", "8", "--no-progress"]
-    assert main(args + ["--out", str(rescored), "--poison", str(out / "poison_delta.npy")]) == 0
+    assert main(args + ["--out", str(rescored), "--choose", "random", "--poison", str(out / "poison_delta.npy")]) == 0
     again = json.loads((rescored / "report.json").read_text())
-    assert again["history"] == [] and again["attack_seconds"] is None
+    assert again["history"] == [] and again["attack_seconds"] is None and again["setting"]["choose"] == "saved"
     assert again["test_accuracy"] == report["test_accuracy"] and again["poison_indices"] == report["poison_indices"]
     np.save(tmp_path / "short.npy", delta[:-1])
     with pytest.raises(ValueError, match="saved poison has shape"):

@@ -163,7 +163,7 @@ def retrain_accuracy(base: TrainingProblem, dataset: Dataset, seeds) -> list[flo
 def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, meta_steps: int = 30,
           attack_seeds=(0, 1), seeds_per_step=None, seed_start: int = FRESH_SEED_START, step_size=None,
           final_step_fraction: float = 1.0, eval_seeds=(100, 101, 102), selection_seed: int = 0, k: int = 8,
-          checkpoint_dir=None, progress: bool = True, poison_delta=None, choose: str = "random",
+          checkpoint_dir=None, progress: bool = True, poison_delta=None, poison_indices=None, choose: str = "random",
           choice_seeds=(20_000, 20_001, 20_002, 20_003)) -> dict:
     """Poison ``fraction`` of ``base``'s training set by MGD and compare with random noise and label flips.
 
@@ -177,7 +177,10 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
     :func:`write_audit_report` saves it as ``.npy``). Passing ``poison_delta``
     (e.g. a saved ``poison_delta.npy``, with the ``fraction``, ``eps`` and
     ``selection_seed`` that made it) skips the attack and scores that
-    perturbation, e.g. on more retraining seeds.
+    perturbation, e.g. on more retraining seeds; with ``poison_indices`` (the
+    examples it perturbs, see :func:`load_poison`) the inputs are not chosen
+    again, so the poison lands where it was made for (the report's
+    ``setting["choose"]`` then reads ``"saved"``).
 
     ``choose`` picks the poisoned examples: ``"random"`` (seeded by
     ``selection_seed``) or ``"influence"`` (:func:`influential_subset`, trained
@@ -185,6 +188,8 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
     """
     if choose not in ("random", "influence"):
         raise ValueError(f"choose must be 'random' or 'influence', got {choose!r}.")
+    if poison_indices is not None and poison_delta is None:
+        raise ValueError("poison_indices are the examples of a saved poison: pass its poison_delta too.")
     used = attack_seeds_used(meta_steps, attack_seeds, seeds_per_step, seed_start)
     if choose == "influence":
         used = used | set(choice_seeds)
@@ -192,7 +197,9 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
         raise ValueError("eval_seeds must differ from the seeds the attack trains from: the audit retrains from "
                          "fresh seeds.")
     data = base.data
-    if choose == "influence":
+    if poison_delta is not None and poison_indices is not None:
+        spec, choose = Poison(tuple(int(i) for i in poison_indices), eps), "saved"
+    elif choose == "influence":
         spec, _ = influential_subset(base, fraction, eps, seeds=choice_seeds, k=k)
     else:
         spec = Poison.random_subset(data.num_train, fraction, eps, seed=selection_seed)
@@ -259,9 +266,18 @@ def audit_table(report: dict) -> str:
     return format_table(("training set", "test acc (mean ± sd)", "drop (points, ± paired s.e.)"), rows)
 
 
+def load_poison(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A saved ``poison_delta.npy`` and, when ``poison_indices.npy`` lies beside it, the examples it perturbs."""
+    import os
+
+    indices_path = os.path.join(os.path.dirname(os.path.abspath(path)), "poison_indices.npy")
+    return np.load(path), (np.load(indices_path) if os.path.exists(indices_path) else None)
+
+
 def write_audit_report(report: dict, out_dir: str) -> None:
     """``report.json``, ``poisoning.png`` (accuracy per training set, attack objective per meta-step) and
-    ``poison_delta.npy`` (the perturbations of the ``poison_indices`` examples, if the report has them)."""
+    ``poison_delta.npy`` plus ``poison_indices.npy`` (the perturbations and the examples they perturb, if the report
+    has them; :func:`load_poison` reads them back)."""
     import os
 
     from ..report import pyplot, write_json
@@ -270,6 +286,7 @@ def write_audit_report(report: dict, out_dir: str) -> None:
     write_json(os.path.join(out_dir, "report.json"), {k: v for k, v in report.items() if k != "poison_delta"})
     if "poison_delta" in report:
         np.save(os.path.join(out_dir, "poison_delta.npy"), np.asarray(report["poison_delta"], np.float32))
+        np.save(os.path.join(out_dir, "poison_indices.npy"), np.asarray(report["poison_indices"], np.int64))
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(report["test_accuracy"])
