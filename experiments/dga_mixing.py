@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -39,6 +38,7 @@ import optax
 import metagrad as mg
 from metagrad.mixing import DGA, MixingProblem, importance_sampling_weights
 from metagrad.progress import progress_bar
+from metagrad.report import format_table, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("uniform", "target_only", "importance", "dga", "dga_ema")
@@ -272,12 +272,8 @@ def main(argv=None):
     cfg = QUICK if args.quick else Config()
     if args.select:
         sel = select(cfg, progress=not args.no_progress)
-        os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"selection{'_quick' if args.quick else ''}.json")
-        with open(path, "w") as f:
-            json.dump(sel, f, indent=1)
-        from metagrad.report import format_table
-
+        write_json(path, sel)
         print(format_table(["method", "step size", "update every", "val loss (seeds 0, 1)"],
                            [[r["method"], r["step_size"], r["update_every"], r["val_loss"]] for r in sel["rows"]]))
         print(f"best: {sel['best']}\nwrote {path}")
@@ -297,8 +293,7 @@ def main(argv=None):
     suffix = "_quick" if args.quick else ""  # a quick run never overwrites the full-size results
     json_path = os.path.join(args.out, f"result{suffix}.json")
     png_path = os.path.join(args.out, f"dga_mixing{suffix}.png")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(json_path, result)
     plot(result, png_path)
     print(table(result))
     print(f"goals: {result['goals']}")
