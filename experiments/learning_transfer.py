@@ -35,23 +35,19 @@ from metagrad.progress import progress_bar
 from metagrad.report import format_table, mean_std, pyplot, write_json
 from metagrad.trajectory import record_trajectory
 
+# Experiment 1 trains with plain SGD at LR 0.05 so that the learned displacement does not swamp the
+# initialization (naive transfer then stays near chance); chosen on validation accuracy, see BUILD_NOTES.md.
+FULL = {"hidden": (128, 128), "optimizer": "sgd", "lr": 0.05, "steps": 1000, "points": 40, "grad_batch": 2048,
+        "seeds": (1, 2, 3), "pretrain_optimizer": "sgdm", "pretrain_lr": 0.1, "pretrain_steps": 1000,
+        "finetune_optimizer": "sgdm", "finetune_lr": 0.01, "finetune_steps": 500, "finetune_points": 20,
+        "eval_every": 25, "budget": 2}
 CONFIG = {
-    # Experiment 1 trains with plain SGD at LR 0.05 so that the learned displacement does not swamp the
-    # initialization (naive transfer then stays near chance); chosen on validation accuracy, see BUILD_NOTES.md.
-    "full": {"hidden": (128, 128), "optimizer": "sgd", "lr": 0.05, "steps": 1000, "points": 40, "grad_batch": 2048,
-             "seeds": (1, 2, 3), "pretrain_optimizer": "sgdm", "pretrain_lr": 0.1, "pretrain_steps": 1000,
-             "finetune_optimizer": "sgdm", "finetune_lr": 0.01, "finetune_steps": 500, "finetune_points": 20,
-             "eval_every": 25, "budget": 2},
+    "full": FULL,
     # The earlier setting (momentum SGD at LR 0.1): the displacement dominates the initialization, so naive
     # transfer is far above chance; kept for comparison (--config momentum).
-    "momentum": {"hidden": (128, 128), "optimizer": "sgdm", "lr": 0.1, "steps": 1000, "points": 20,
-                 "grad_batch": 2048, "seeds": (1, 2, 3), "pretrain_optimizer": "sgdm", "pretrain_lr": 0.1,
-                 "pretrain_steps": 1000, "finetune_optimizer": "sgdm", "finetune_lr": 0.01, "finetune_steps": 500,
-                 "finetune_points": 20, "eval_every": 25, "budget": 2},
-    "quick": {"hidden": (64, 64), "optimizer": "sgd", "lr": 0.05, "steps": 300, "points": 8, "grad_batch": 1024,
-              "seeds": (1,), "pretrain_optimizer": "sgdm", "pretrain_lr": 0.1, "pretrain_steps": 300,
-              "finetune_optimizer": "sgdm", "finetune_lr": 0.01, "finetune_steps": 200, "finetune_points": 8,
-              "eval_every": 25, "budget": 2},
+    "momentum": {**FULL, "optimizer": "sgdm", "lr": 0.1, "points": 20},
+    "quick": {**FULL, "hidden": (64, 64), "steps": 300, "points": 8, "grad_batch": 1024, "seeds": (1,),
+              "pretrain_steps": 300, "finetune_steps": 200, "finetune_points": 8},
 }
 
 START_POINTS = ("init", "naive", "FGMT", "GMT", "oracle", "oracle_grad")
