@@ -21,7 +21,9 @@ ball) and flipping the labels of the same examples.
 
 The audited setup (--model, --batch-size, --lr) is by default the metasmoother
 1-D CNN 8-8 with average pooling (SGD momentum 0.9, LR 0.03, batch 128, 500
-steps) attacked for 60 meta-steps; --model mlp is MLP 64-64 (120 meta-steps).
+steps) attacked for 60 meta-steps at step eps/8 plus 40 whose step anneals from
+eps/16 to eps/160 (--refine-steps); --model mlp is MLP 64-64 (120 meta-steps,
+no annealing).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def main():
     parser.add_argument("--seeds-per-step", type=int, default=4, help="fresh training seeds per meta-step (0: fixed)")
     parser.add_argument("--final-step-fraction", type=float, default=1.0,
                         help="signed step decays linearly from eps/8 to this fraction of it")
+    parser.add_argument("--refine-steps", type=int, default=None,
+                        help="meta-steps after --meta-steps whose step anneals from eps/16 to eps/160 "
+                             "(default: 40 (cnn), 0 (mlp))")
     parser.add_argument("--model", choices=("mlp", "cnn"), default="cnn",
                         help="audited model: a 1-D CNN 8-8 with average pooling (metasmoother, default) or MLP 64-64")
     parser.add_argument("--batch-size", type=int, default=128, help="audited setup's batch size")
@@ -57,13 +62,18 @@ def main():
     parser.add_argument("--fresh", action="store_true", help="discard the attack checkpoints in --out/mgd_checkpoints")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    checkpoint_dir = None if args.poison else checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args))
     if args.quick:
         num_steps, hidden, meta_steps, attack_seeds, seeds_per_step = 100, (32,), 5, 2, 2
+        refine_steps = 2 if args.refine_steps is None else args.refine_steps
     else:
         num_steps, hidden = 500, (64, 64)
         meta_steps = args.meta_steps or (60 if args.model == "cnn" else 120)
         attack_seeds, seeds_per_step = args.attack_seeds, args.seeds_per_step
+        refine_steps = args.refine_steps if args.refine_steps is not None else (40 if args.model == "cnn" else 0)
+    settings = run_settings(args)
+    if args.final_step_fraction != 1.0 or refine_steps:
+        settings["meta_steps"] = meta_steps  # the step schedule depends on it: more meta-steps can't extend the run
+    checkpoint_dir = None if args.poison else checkpoint_folder(args.out, fresh=args.fresh, settings=settings)
     if args.model == "cnn":
         channels = (4,) if args.quick else (8, 8)
         model, model_desc = mg.CNN1D(channels=channels), f"CNN1D{channels} avg pooling"
@@ -75,7 +85,8 @@ def main():
     saved_delta, saved_indices = poisoning.load_poison(args.poison) if args.poison else (None, None)
     report = poisoning.audit(base, fraction=0.025, eps=args.eps, meta_steps=meta_steps,
                              attack_seeds=tuple(range(attack_seeds)), seeds_per_step=seeds_per_step or None,
-                             final_step_fraction=args.final_step_fraction, eval_seeds=eval_seeds,
+                             final_step_fraction=args.final_step_fraction, refine_steps=refine_steps,
+                             eval_seeds=eval_seeds,
                              checkpoint_dir=checkpoint_dir, progress=not args.no_progress, choose=args.choose,
                              poison_delta=saved_delta, poison_indices=saved_indices)
     if args.poison is not None:

@@ -55,13 +55,16 @@ def _audit_poison(args) -> int:
                            optax.sgd(args.lr, momentum=0.9), dataset, num_steps=args.num_steps,
                            batch_size=min(args.batch_size, dataset.num_train), lr_schedule=None)
     saved_delta, saved_indices = poisoning.load_poison(args.poison) if args.poison else (None, None)
+    settings = run_settings(args)
+    if args.final_step_fraction != 1.0 or args.refine_steps:
+        settings["meta_steps"] = args.meta_steps  # the step schedule depends on it: more steps cannot extend the run
     report = poisoning.audit(base, fraction=args.fraction, eps=args.eps, meta_steps=args.meta_steps,
                              attack_seeds=tuple(range(args.attack_seeds)),
                              seeds_per_step=args.seeds_per_step or None,
-                             final_step_fraction=args.final_step_fraction,
+                             final_step_fraction=args.final_step_fraction, refine_steps=args.refine_steps,
                              eval_seeds=tuple(range(1000, 1000 + args.eval_seeds)), choose=args.choose,
                              checkpoint_dir=None if args.poison else checkpoint_folder(args.out, fresh=args.fresh,
-                                                                                       settings=run_settings(args)),
+                                                                                       settings=settings),
                              progress=not args.no_progress,
                              poison_delta=saved_delta, poison_indices=saved_indices)
     report["dataset"] = args.data
@@ -99,6 +102,8 @@ def main(argv=None) -> int:
                        help="fresh training seeds (10000, 10001, ...) drawn at every meta-step; 0: use --attack-seeds")
     audit.add_argument("--final-step-fraction", type=float, default=1.0,
                        help="the signed step decays linearly from eps/8 to this fraction of it")
+    audit.add_argument("--refine-steps", type=int, default=0,
+                       help="meta-steps after --meta-steps whose step anneals linearly from eps/16 to eps/160")
     audit.add_argument("--eval-seeds", type=int, default=10, help="fresh training seeds for the evaluation")
     audit.add_argument("--choose", choices=("random", "influence"), default="influence",
                        help="which inputs to poison: a random subset, or those with the largest metagradient")

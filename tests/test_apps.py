@@ -67,7 +67,7 @@ def test_poison_raises_validation_loss_more_than_random_noise():
                               batch_size=64, lr_schedule=None)
     spec = mg.Poison.random_subset(data.num_train, 0.05, eps=2.0, seed=0)
     # fresh training seeds at every meta-step (10000 ..), none of them the evaluation's seed 0
-    result = poisoning.optimize_poison(base, spec, meta_steps=6, seeds_per_step=2, progress=False)
+    result = poisoning.optimize_poison(base, spec, meta_steps=4, refine_steps=2, seeds_per_step=2, progress=False)
     assert [h["meta_step"] for h in result.history] == list(range(6))
     delta = np.asarray(result.best_meta["poison"])
     assert np.abs(delta).max() <= 2.0 + 1e-6
@@ -84,6 +84,16 @@ def test_poison_raises_validation_loss_more_than_random_noise():
         poisoning.audit(base, attack_seeds=(0,), eval_seeds=(0,))
     with pytest.raises(ValueError, match="fresh seeds"):
         poisoning.audit(base, meta_steps=3, seeds_per_step=2, eval_seeds=(poisoning.FRESH_SEED_START + 5,))
+
+
+def test_attack_step_schedule_anneals_after_the_main_phase():
+    assert poisoning.attack_step_schedule(0.25, 60) == 0.25
+    schedule = poisoning.attack_step_schedule(0.25, 3, refine_steps=3)
+    np.testing.assert_allclose([float(schedule(i)) for i in range(6)], [0.25, 0.25, 0.25, 0.125, 0.06875, 0.0125])
+    decaying = poisoning.attack_step_schedule(0.2, 3, final_step_fraction=0.5, refine_steps=2)
+    np.testing.assert_allclose([float(decaying(i)) for i in range(5)], [0.2, 0.15, 0.1, 0.1, 0.01])
+    with pytest.raises(ValueError, match="refine_steps"):
+        poisoning.attack_step_schedule(0.25, 3, refine_steps=-1)
 
 
 def test_poison_seed_in_meta_matches_a_fixed_seed_run():
@@ -174,6 +184,14 @@ def test_audit_poison_command(tmp_path):
     again = json.loads((rescored / "report.json").read_text())
     assert again["history"] == [] and again["attack_seconds"] is None and again["setting"]["choose"] == "saved"
     assert again["test_accuracy"] == report["test_accuracy"] and again["poison_indices"] == report["poison_indices"]
+    # with an annealing phase the step schedule depends on --meta-steps, so more of them cannot extend the run
+    annealed = ["--out", str(tmp_path / "annealed"), "--refine-steps", "1", "--seeds-per-step", "1"]
+    assert main(args + annealed + ["--meta-steps", "1"]) == 0
+    annealed_report = json.loads((tmp_path / "annealed" / "report.json").read_text())
+    assert [h["meta_step"] for h in annealed_report["history"]] == [0, 1]
+    assert annealed_report["setting"]["attack_seed_range"] == [10000, 10001]
+    with pytest.raises(ValueError, match="meta_steps"):
+        main(args + annealed + ["--meta-steps", "2"])
     np.save(tmp_path / "short.npy", delta[:-1])
     with pytest.raises(ValueError, match="saved poison has shape"):
         main(args + ["--out", str(rescored), "--poison", str(tmp_path / "short.npy")])

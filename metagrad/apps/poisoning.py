@@ -102,26 +102,44 @@ def attack_seeds_used(meta_steps: int, attack_seeds=(0, 1), seeds_per_step=None,
     return set(range(seed_start, seed_start + meta_steps * seeds_per_step))
 
 
+def attack_step_schedule(step: float, meta_steps: int, *, final_step_fraction: float = 1.0, refine_steps: int = 0):
+    """The signed attack's step per meta-step: ``step`` (or decaying linearly to ``final_step_fraction`` of it)
+    for ``meta_steps`` meta-steps, then ``refine_steps`` more whose step anneals linearly from ``step / 2`` to
+    ``step / 20`` (settling the iterate, which a constant signed step leaves jittering around the optimum, as
+    PGD attacks anneal their step). A plain float when the step is constant."""
+    if refine_steps < 0:
+        raise ValueError(f"refine_steps must be >= 0, got {refine_steps}.")
+    main = step
+    if final_step_fraction != 1.0:
+        main = optax.linear_schedule(step, step * final_step_fraction, max(meta_steps - 1, 1))
+    if refine_steps == 0:
+        return main
+    refine = optax.linear_schedule(step / 2, step / 20, max(refine_steps - 1, 1))
+    main = main if callable(main) else optax.constant_schedule(step)
+    return optax.join_schedules([main, refine], [meta_steps])
+
+
 def optimize_poison(base: TrainingProblem, spec: Poison, *, meta_steps: int, step_size=None,
-                    final_step_fraction: float = 1.0, attack_seeds=(0, 1), seeds_per_step=None,
-                    seed_start: int = FRESH_SEED_START, k: int = 8, checkpoint_dir=None, progress: bool = True):
+                    final_step_fraction: float = 1.0, refine_steps: int = 0, attack_seeds=(0, 1),
+                    seeds_per_step=None, seed_start: int = FRESH_SEED_START, k: int = 8, checkpoint_dir=None,
+                    progress: bool = True):
     """MGD (signed gradient steps, as in projected-gradient attacks) maximizing validation loss.
 
     The metagradient is averaged over training runs with ``attack_seeds``, or,
     with ``seeds_per_step=n``, over ``n`` fresh training seeds at every meta-step
     (see :func:`expected_value_and_metagrad`), so the poison holds across the
     training run's randomness. The step is ``step_size`` (default ``eps / 8``),
-    decayed linearly to ``final_step_fraction`` of it over the meta-steps.
+    decayed linearly to ``final_step_fraction`` of it over the meta-steps, then
+    annealed over ``refine_steps`` more meta-steps (:func:`attack_step_schedule`).
     With fresh seeds the per-step objective is a noisy estimate, so the
     returned ``best_meta`` is the last iterate rather than the best-scoring one.
     """
     attack = dataclasses.replace(base, poison=spec, data_weights=None, maximize=True)
-    step = step_size if step_size is not None else spec.eps / 8
-    if final_step_fraction != 1.0:
-        step = optax.linear_schedule(step, step * final_step_fraction, max(meta_steps - 1, 1))
+    step = attack_step_schedule(step_size if step_size is not None else spec.eps / 8, meta_steps,
+                                final_step_fraction=final_step_fraction, refine_steps=refine_steps)
     result = mgd(expected_value_and_metagrad(attack, attack_seeds=attack_seeds, seeds_per_step=seeds_per_step,
                                              seed_start=seed_start, k=k),
-                 attack.init_meta(), optimizer=optax.sign_sgd(step), num_meta_steps=meta_steps,
+                 attack.init_meta(), optimizer=optax.sign_sgd(step), num_meta_steps=meta_steps + refine_steps,
                  project=attack.project_meta, checkpoint_dir=checkpoint_dir, progress=progress, pass_meta_step=True)
     if seeds_per_step is not None:
         result.best_meta = result.meta
@@ -162,7 +180,8 @@ def retrain_accuracy(base: TrainingProblem, dataset: Dataset, seeds) -> list[flo
 
 def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, meta_steps: int = 30,
           attack_seeds=(0, 1), seeds_per_step=None, seed_start: int = FRESH_SEED_START, step_size=None,
-          final_step_fraction: float = 1.0, eval_seeds=(100, 101, 102), selection_seed: int = 0, k: int = 8,
+          final_step_fraction: float = 1.0, refine_steps: int = 0, eval_seeds=(100, 101, 102),
+          selection_seed: int = 0, k: int = 8,
           checkpoint_dir=None, progress: bool = True, poison_delta=None, poison_indices=None, choose: str = "random",
           choice_seeds=(20_000, 20_001, 20_002, 20_003)) -> dict:
     """Poison ``fraction`` of ``base``'s training set by MGD and compare with random noise and label flips.
@@ -190,7 +209,7 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
         raise ValueError(f"choose must be 'random' or 'influence', got {choose!r}.")
     if poison_indices is not None and poison_delta is None:
         raise ValueError("poison_indices are the examples of a saved poison: pass its poison_delta too.")
-    used = attack_seeds_used(meta_steps, attack_seeds, seeds_per_step, seed_start)
+    used = attack_seeds_used(meta_steps + refine_steps, attack_seeds, seeds_per_step, seed_start)
     if choose == "influence":
         used = used | set(choice_seeds)
     if used & set(eval_seeds):
@@ -205,7 +224,8 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
         spec = Poison.random_subset(data.num_train, fraction, eps, seed=selection_seed)
     if poison_delta is None:
         result = optimize_poison(base, spec, meta_steps=meta_steps, step_size=step_size,
-                                 final_step_fraction=final_step_fraction, attack_seeds=attack_seeds,
+                                 final_step_fraction=final_step_fraction, refine_steps=refine_steps,
+                                 attack_seeds=attack_seeds,
                                  seeds_per_step=seeds_per_step, seed_start=seed_start, k=k,
                                  checkpoint_dir=checkpoint_dir, progress=progress)
         delta, history = np.asarray(result.best_meta["poison"]), result.history
@@ -228,13 +248,15 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
         seeds_desc = {"attack_seeds": list(attack_seeds)}
     else:
         seeds_desc = {"seeds_per_step": seeds_per_step,
-                      "attack_seed_range": [seed_start, seed_start + meta_steps * seeds_per_step - 1]}
+                      "attack_seed_range": [seed_start,
+                                            seed_start + (meta_steps + refine_steps) * seeds_per_step - 1]}
     return {
         "setting": {"fraction": fraction, "num_poisoned": len(spec.indices), "choose": choose,
                     **({"choice_seeds": list(choice_seeds)} if choose == "influence" else {}),
                     "eps": eps, "meta_steps": meta_steps,
                     "step_size": step_size if step_size is not None else eps / 8,
-                    "final_step_fraction": final_step_fraction, **seeds_desc, "eval_seeds": list(eval_seeds),
+                    "final_step_fraction": final_step_fraction, "refine_steps": refine_steps, **seeds_desc,
+                    "eval_seeds": list(eval_seeds),
                     "input_range": list(data.input_range)},
         "test_accuracy": accuracy,
         "val_accuracy": {name: [m["val_accuracy"] for m in ms] for name, ms in metrics.items()},
@@ -298,6 +320,9 @@ def write_audit_report(report: dict, out_dir: str) -> None:
             f"eps {report['setting']['eps']}")
     if report["history"]:
         ax2.plot([-h["objective"] for h in report["history"]])
+        if report["setting"].get("refine_steps"):
+            ax2.axvline(report["setting"]["meta_steps"], color="gray", linestyle=":", label="step anneals")
+            ax2.legend(loc="lower right")
         ax2.set(xlabel="meta-step", ylabel="validation loss (attack seeds)", title="MGD attack objective")
     else:
         ax2.text(0.5, 0.5, f"saved poison re-scored\n({report.get('poison_source', 'given array')})",
