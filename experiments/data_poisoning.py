@@ -70,9 +70,9 @@ def main():
         meta_steps = args.meta_steps or (60 if args.model == "cnn" else 120)
         attack_seeds, seeds_per_step = args.attack_seeds, args.seeds_per_step
         refine_steps = args.refine_steps if args.refine_steps is not None else (40 if args.model == "cnn" else 0)
-    settings = run_settings(args)
-    if args.final_step_fraction != 1.0 or refine_steps:
-        settings["meta_steps"] = meta_steps  # the step schedule depends on it: more meta-steps can't extend the run
+    args.meta_steps = meta_steps  # the run's settings record the meta-steps it takes, defaults resolved
+    settings = run_settings(args, extendable=not poisoning.schedule_depends_on_meta_steps(args.final_step_fraction,
+                                                                                          refine_steps))
     checkpoint_dir = None if args.poison else checkpoint_folder(args.out, fresh=args.fresh, settings=settings)
     if args.model == "cnn":
         channels = (4,) if args.quick else (8, 8)

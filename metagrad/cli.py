@@ -55,9 +55,8 @@ def _audit_poison(args) -> int:
                            optax.sgd(args.lr, momentum=0.9), dataset, num_steps=args.num_steps,
                            batch_size=min(args.batch_size, dataset.num_train), lr_schedule=None)
     saved_delta, saved_indices = poisoning.load_poison(args.poison) if args.poison else (None, None)
-    settings = run_settings(args)
-    if args.final_step_fraction != 1.0 or args.refine_steps:
-        settings["meta_steps"] = args.meta_steps  # the step schedule depends on it: more steps cannot extend the run
+    settings = run_settings(args, extendable=not poisoning.schedule_depends_on_meta_steps(args.final_step_fraction,
+                                                                                          args.refine_steps))
     report = poisoning.audit(base, fraction=args.fraction, eps=args.eps, meta_steps=args.meta_steps,
                              attack_seeds=tuple(range(args.attack_seeds)),
                              seeds_per_step=args.seeds_per_step or None,

@@ -126,12 +126,15 @@ def checkpoint_folder(out_dir: str, *, fresh: bool = False, settings: dict | Non
     return folder
 
 
-def run_settings(args, ignore=("out", "fresh", "no_progress", "poison", "func", "eval_seeds", "meta_steps")) -> dict:
+def run_settings(args, ignore=("out", "fresh", "no_progress", "poison", "func", "eval_seeds", "meta_steps"), *,
+                 extendable: bool = True) -> dict:
     """The parsed command-line options that define an MGD run (for :func:`checkpoint_folder`).
 
-    The number of meta-steps is left out: a rerun with more of them extends
-    the saved run.
+    The number of meta-steps is left out, so a rerun with more of them extends
+    the saved run, unless ``extendable=False`` (e.g. when the meta-optimizer's
+    step schedule depends on it, so more meta-steps would be another run).
     """
+    ignore = set(ignore) - ({"meta_steps"} if not extendable else set())
     return {k: v for k, v in sorted(vars(args).items()) if k not in ignore}
 
 

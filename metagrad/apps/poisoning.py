@@ -119,6 +119,11 @@ def attack_step_schedule(step: float, meta_steps: int, *, final_step_fraction: f
     return optax.join_schedules([main, refine], [meta_steps])
 
 
+def schedule_depends_on_meta_steps(final_step_fraction: float = 1.0, refine_steps: int = 0) -> bool:
+    """Whether :func:`attack_step_schedule` changes with ``meta_steps`` (then more meta-steps cannot extend a run)."""
+    return final_step_fraction != 1.0 or refine_steps > 0
+
+
 def optimize_poison(base: TrainingProblem, spec: Poison, *, meta_steps: int, step_size=None,
                     final_step_fraction: float = 1.0, refine_steps: int = 0, attack_seeds=(0, 1),
                     seeds_per_step=None, seed_start: int = FRESH_SEED_START, k: int = 8, checkpoint_dir=None,
@@ -209,7 +214,8 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
         raise ValueError(f"choose must be 'random' or 'influence', got {choose!r}.")
     if poison_indices is not None and poison_delta is None:
         raise ValueError("poison_indices are the examples of a saved poison: pass its poison_delta too.")
-    used = attack_seeds_used(meta_steps + refine_steps, attack_seeds, seeds_per_step, seed_start)
+    total_meta_steps = meta_steps + refine_steps
+    used = attack_seeds_used(total_meta_steps, attack_seeds, seeds_per_step, seed_start)
     if choose == "influence":
         used = used | set(choice_seeds)
     if used & set(eval_seeds):
@@ -248,8 +254,7 @@ def audit(base: TrainingProblem, *, fraction: float = 0.025, eps: float = 1.0, m
         seeds_desc = {"attack_seeds": list(attack_seeds)}
     else:
         seeds_desc = {"seeds_per_step": seeds_per_step,
-                      "attack_seed_range": [seed_start,
-                                            seed_start + (meta_steps + refine_steps) * seeds_per_step - 1]}
+                      "attack_seed_range": [seed_start, seed_start + total_meta_steps * seeds_per_step - 1]}
     return {
         "setting": {"fraction": fraction, "num_poisoned": len(spec.indices), "choose": choose,
                     **({"choice_seeds": list(choice_seeds)} if choose == "influence" else {}),
