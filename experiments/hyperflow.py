@@ -22,7 +22,10 @@ plus the head -- is adapted, on the same episodes. Baselines: GD fine-tuning of
 that subset (backprop through the backbone each step; steps, head LR and bias LR
 tuned), full fine-tuning (tuned), no adaptation (pretrained biases, prototype
 head). HyperFlow's drift is meta-trained on simulated GD trajectories of the
-subset and integrated with a tuned number of Euler steps (forward passes only).
+subset, refined end to end on its own 5-step Euler rollouts (matching GD's model
+on the meta-tasks' query inputs), and integrated with a tuned number of Euler
+steps (forward passes only). Throughout, a tie on the tuning episodes goes to
+the setting with fewer steps.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import matplotlib.ticker
 import numpy as np
 
 import metagrad as mg
@@ -169,8 +173,9 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress):
     for lr in cfg["full_lrs"]:
         for steps in cfg["full_steps"]:
             grid[("full", lr, steps)] = float(acc(full_fn(lr, steps), tuning).mean())
-    best_bias = max((k for k in grid if k[0] == "bias"), key=grid.get)[1:]
-    best_full = max((k for k in grid if k[0] == "full"), key=grid.get)[1:]
+    # ties (equal accuracy on the tuning episodes) go to the setting with fewer steps
+    best_bias = max((k for k in grid if k[0] == "bias"), key=lambda k: (grid[k], -k[1]))[1:]
+    best_full = max((k for k in grid if k[0] == "full"), key=lambda k: (grid[k], -k[2]))[1:]
     out["tuning"] = [{"method": k[0], "setting": k[1:], "accuracy": v} for k, v in grid.items()]
     out["tuning_proto_accuracy"] = float(acc(proto_fn, tuning).mean())
     steps, lr_head, lr_bias = best_bias
@@ -189,22 +194,30 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress):
     dcfg0 = hb.BiasDriftConfig(head=hf.DriftConfig(ways=WAYS, hidden=64, scale=scale), hidden=cfg["bias_drift_hidden"])
     phi, dcfg, history = hb.meta_train(traj, backbone, dcfg0, num_iters=cfg["bias_meta_iters"], batch_tasks=32,
                                        learning_rate=3e-3, progress=progress)
+    regressed_fit = hb.per_leaf_fit(phi, dcfg, traj, backbone)
+    phi, rollout_history = hb.refine_on_rollouts(phi, dcfg, traj, backbone, jnp.asarray(mt["query_x"]),
+                                                 num_euler=cfg["bias_rollout_euler"],
+                                                 num_iters=cfg["bias_rollout_iters"], progress=progress)
     jax.block_until_ready(phi)
     fit_seconds = time.perf_counter() - tic
     out["meta_training"] = {
         "seconds": sim_seconds + fit_seconds, "simulation_seconds": sim_seconds, "tasks": len(mt["support_x"]),
         "starts": cfg["bias_starts"], "knots": 10, "iterations": cfg["bias_meta_iters"], "interpolations": ("linear",),
         "drift_parameters": int(sum(a.size for a in jax.tree.leaves(phi))), "loss_history": history,
+        "per_leaf_relative_error_after_regression": regressed_fit,
         "per_leaf_relative_error": hb.per_leaf_fit(phi, dcfg, traj, backbone),
+        "rollout_refinement": {"euler_steps": cfg["bias_rollout_euler"], "iterations": cfg["bias_rollout_iters"],
+                               "loss_history": rollout_history},
         "emulated_run": {"steps": steps, "lr_head": lr_head, "lr_bias": lr_bias}}
     del traj
 
     def hf_fn(n):
         return lambda p, bb, sx, sy: hb.adapt(p, bb, sx, sy, config=dcfg, num_steps=n)
 
-    hf_grid = {n: float(acc(hf_fn(n), tuning, phi).mean()) for n in cfg["euler_steps"]}
+    hf_grid = {n: float(acc(hf_fn(n), tuning, phi).mean())
+               for n in sorted(set(cfg["euler_steps"]) | {cfg["bias_rollout_euler"]})}
     out["tuning_hyperflow"] = [{"euler_steps": n, "accuracy": v} for n, v in hf_grid.items()]
-    n_euler = max(hf_grid, key=hf_grid.get)
+    n_euler = max(hf_grid, key=lambda n: (hf_grid[n], -n))
     print(f"[bias mode] meta-training {sim_seconds + fit_seconds:.1f} s (simulation {sim_seconds:.1f} s); "
           f"Euler steps picked: {n_euler} (tuning {hf_grid})")
 
@@ -247,12 +260,12 @@ def main():
                tuning_episodes=100, timed=100, head_lrs=(0.3, 1.0, 3.0, 10.0), head_steps=(10, 30, 100, 300),
                full_lrs=(0.03, 0.1, 0.3), full_steps=(10, 30, 100), euler_steps=(1, 2, 4, 8),
                bias_hidden=(512, 64), bias_settings=BIAS_SETTINGS, bias_meta_tasks=1024, bias_starts=1,
-               bias_meta_iters=BIAS_META_ITERS, bias_drift_hidden=16)
+               bias_meta_iters=BIAS_META_ITERS, bias_drift_hidden=16, bias_rollout_euler=5, bias_rollout_iters=2000)
     if quick:
         cfg.update(num_samples=6000, pretrain_steps=1000, meta_tasks=256, meta_iters=600, episodes=60,
                    tuning_episodes=40, timed=20, head_lrs=(1.0, 3.0), head_steps=(30, 100), full_lrs=(0.1,),
                    full_steps=(10, 30), euler_steps=(2, 4), bias_settings=((100, 10.0, 3.0), (30, 10.0, 3.0)),
-                   bias_meta_tasks=256, bias_meta_iters=300)
+                   bias_meta_tasks=256, bias_meta_iters=300, bias_rollout_iters=200)
     hidden, scale = (128, 64), 10.0
     report = {"config": {**cfg, "hidden": hidden, "scale": scale, "ways": WAYS, "shots": SHOTS, "queries": QUERIES,
                          "base_classes": BASE, "novel_classes": NOVEL}, "device": str(jax.devices()[0])}
@@ -300,7 +313,7 @@ def main():
     for kind, lr, steps in progress_bar(settings, desc="tuning fine-tuning", disable=not progress):
         fn = (head_fn if kind == "head" else full_fn)(lr, steps)
         grid[(kind, lr, steps)] = float(acc_of(fn, tuning).mean())
-    best = {kind: max((k for k in grid if k[0] == kind), key=grid.get) for kind in ("head", "full")}
+    best = {kind: max((k for k in grid if k[0] == kind), key=lambda k: (grid[k], -k[2])) for kind in ("head", "full")}
     report["tuning"] = [{"method": k[0], "lr": k[1], "steps": k[2], "accuracy": v} for k, v in grid.items()]
     report["tuning_proto_accuracy"] = float(acc_of(proto_fn, tuning).mean())
     (_, head_lr, head_steps), (_, full_lr, full_steps) = best["head"], best["full"]
@@ -338,7 +351,8 @@ def main():
                for label in variants for n in cfg["euler_steps"]}
     report["tuning_hyperflow"] = [{"interpolations": k[0], "euler_steps": k[1], "accuracy": v}
                                   for k, v in hf_grid.items()]
-    pick = {label: max((k for k in hf_grid if k[0] == label), key=hf_grid.get)[1] for label in variants}
+    pick = {label: max((k for k in hf_grid if k[0] == label), key=lambda k: (hf_grid[k], -k[1]))[1]
+            for label in variants}
     primary = max(((label, pick[label]) for label in variants), key=hf_grid.get)[0]
     meta_seconds = report["meta_training"][primary]["seconds"]
     history = report["meta_training"][primary]["loss_history"]
@@ -418,9 +432,16 @@ def main():
                 ylabel="allocated memory (KiB, XLA)", title="bias mode: adaptation cost")
     axes[1].legend()
     h = bias["meta_training"]["loss_history"]
-    axes[2].plot(np.arange(1, len(h) + 1) * 100, h)
-    axes[2].set(yscale="log", xlabel="meta-training iteration", ylabel="velocity regression loss",
+    axes[2].plot(np.arange(1, len(h) + 1) * 100, h, label="velocity regression")
+    h2 = bias["meta_training"]["rollout_refinement"]["loss_history"]
+    axes[2].plot(len(h) * 100 + np.arange(1, len(h2) + 1) * 100, h2, label="rollout refinement (KL + params)")
+    axes[2].set(yscale="log", xlabel="meta-training iteration", ylabel="loss",
                 title=f"bias mode: meta-training h_phi ({bias['meta_training']['seconds']:.0f} s)")
+    axes[2].legend(fontsize=7)
+    for axis in [a for ax in all_axes[:, 1] for a in (ax.xaxis, ax.yaxis)]:  # readable log ticks at 1, 2, 5 x 10^k
+        axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "hyperflow.png"), dpi=110)
 

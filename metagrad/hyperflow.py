@@ -193,6 +193,37 @@ def drift(phi, head, t, feats, y_onehot, config: DriftConfig):
     return {"kernel": vs * v_kernel, "bias": vs * v_bias}
 
 
+def check_rollout_steps(num_knots: int, num_euler: int) -> int:
+    """Knot intervals per Euler step of a rollout; raises unless ``num_euler`` divides ``num_knots``."""
+    if not isinstance(num_euler, int) or num_euler < 1 or num_knots % num_euler:
+        raise ValueError(f"num_euler={num_euler} must divide the trajectories' {num_knots} knot intervals: "
+                         f"simulate with num_knots a multiple of it.")
+    return num_knots // num_euler
+
+
+def rollout_divergence(drift_fn, log_probs_fn, parameter_error, path, num_euler: int, parameter_weight: float):
+    """How far ``num_euler`` Euler steps of a drift stray from one simulated GD run (the rollout refinement's loss).
+
+    From the run's first knot, Euler steps of size ``1 / num_euler`` with
+    ``drift_fn(theta, t)``; after step ``k`` the emulated model is compared with
+    the GD run's knot at the same time ``k / num_euler``: the KL divergence of
+    ``log_probs_fn(theta)`` (class log-probabilities on held-out inputs of the
+    task) from GD's, plus ``parameter_weight * parameter_error(theta, knot)``.
+    Averaged over the steps. ``path`` leaves have a leading knot axis.
+    """
+    every = check_rollout_steps(jax.tree.leaves(path)[0].shape[0] - 1, num_euler)
+    theta = jax.tree.map(lambda a: a[0], path)
+    total = 0.0
+    for k in range(num_euler):
+        v = drift_fn(theta, k / num_euler)
+        theta = jax.tree.map(lambda a, b: a + b / num_euler, theta, v)
+        target = jax.tree.map(lambda a: a[(k + 1) * every], path)
+        log_p_gd, log_p = log_probs_fn(target), log_probs_fn(theta)
+        kl = jnp.mean(jnp.sum(jnp.exp(log_p_gd) * (log_p_gd - log_p), -1))
+        total = total + kl + parameter_weight * parameter_error(theta, target)
+    return total / num_euler
+
+
 # ----------------------------------------------------------------------------- adaptation
 
 

@@ -191,7 +191,8 @@ def test_bias_mode_adapt_calls_no_gradient(monkeypatch):
 
 
 def test_reduced_bias_mode_hyperflow_beats_no_adaptation(reduced_setup, monkeypatch):
-    """Bias mode, reduced: meta-train on (biases, head) GD trajectories; adapt with no gradient; beat prototypes."""
+    """Bias mode, reduced: meta-train on (biases, head) GD trajectories (velocity regression, then rollout
+    refinement); adapt with no gradient; beat prototypes."""
     from metagrad import hyperflow_bias as hb
 
     backbone, meta_tasks, test = reduced_setup
@@ -208,10 +209,34 @@ def test_reduced_bias_mode_hyperflow_beats_no_adaptation(reduced_setup, monkeypa
         return np.asarray(jax.vmap(lambda t, x, y: hb.accuracy(t, backbone, x, y))(theta, test["query_x"],
                                                                                    test["query_y"]))
 
+    # Refinement on 5-step rollouts brings the emulated model closer to GD's (in KL, on the held-out tasks).
+    def kl_to_gd(phi):
+        adapted = jax.jit(jax.vmap(lambda x, y: hb.adapt(phi, backbone, x, y, config=config, num_steps=5)))(
+            test["support_x"], test["support_y"])
+        log_p = jax.vmap(log_probs)(adapted, test["query_x"])
+        return float(jnp.mean(jnp.sum(jnp.exp(log_p_gd) * (log_p_gd - log_p), -1)))
+
+    def log_probs(theta, x):
+        return jax.nn.log_softmax(hf.head_logits(theta["head"], hb.features(backbone, theta["biases"], x)), -1)
+
+    gd = jax.jit(jax.vmap(lambda x, y: hb.finetune(backbone, x, y, lr_bias=1.0, lr_head=3.0, num_steps=50, ways=5,
+                                                    scale=10.0)))(test["support_x"], test["support_y"])
+    log_p_gd = jax.vmap(log_probs)(gd, test["query_x"])
+    with pytest.raises(ValueError, match="num_euler=3 must divide"):
+        hb.refine_on_rollouts(phi, config, traj, backbone, jnp.asarray(meta_tasks["query_x"]), num_euler=3)
+    regressed = kl_to_gd(phi)
+    phi, rollout_history = hb.refine_on_rollouts(phi, config, traj, backbone, jnp.asarray(meta_tasks["query_x"]),
+                                                 num_euler=5, num_iters=150, batch_tasks=16, learning_rate=3e-3,
+                                                 chunk=50, progress=False)
+    refined = kl_to_gd(phi)
+    print("bias mode reduced, KL to GD on held-out tasks: regressed", regressed, "refined", refined)
+    assert rollout_history[-1] < rollout_history[0] and refined < 0.9 * regressed, (rollout_history, regressed,
+                                                                                     refined)
+
     proto = accuracy(lambda x, y: hb.init_theta(backbone, x, jax.nn.one_hot(y, 5), 10.0))
     jax.clear_caches()
     calls = _count_autodiff_calls(monkeypatch)
-    flow = accuracy(lambda x, y: hb.adapt(phi, backbone, x, y, config=config, num_steps=4))
+    flow = accuracy(lambda x, y: hb.adapt(phi, backbone, x, y, config=config, num_steps=5))
     assert calls == []
     print("bias mode reduced:", proto.mean(), flow.mean())
     assert (flow - proto).mean() > 0, (proto.mean(), flow.mean())
