@@ -242,7 +242,8 @@ def main():
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     means = [summary1[n]["zero_step_accuracy"]["mean"] for n in START_POINTS]
     stds = [summary1[n]["zero_step_accuracy"]["std"] for n in START_POINTS]
-    axes[0].bar(START_POINTS, means, yerr=stds, color=["grey", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:pink"])
+    colors = dict(zip(START_POINTS, ("grey", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:pink")))
+    axes[0].bar(START_POINTS, means, yerr=stds, color=[colors[n] for n in START_POINTS])
     axes[0].axhline(src1, color="k", ls="--", label="source (trained A)")
     axes[0].axhline(0.6 * src1, color="k", ls=":", label="60% of source")
     axes[0].set(ylabel="test accuracy, 0 training steps", title="1: same task, new init (mean over seeds)")
@@ -250,14 +251,14 @@ def main():
     first = exp1["per_seed"][0]
     for name in START_POINTS:
         c = first["curves"][name]
-        axes[1].plot(c["steps"], c["accuracy"], label=name)
+        axes[1].plot(c["steps"], c["accuracy"], label=name, color=colors[name])
     axes[1].axhline(src1, color="k", ls="--", label="target")
     axes[1].set(xlabel="training steps", ylabel="test accuracy", title=f"1: training from each start (seed {first['seed']})")
     axes[1].legend()
     first2 = exp2["per_seed"][0]
     for name in START_POINTS2:
         c = first2["curves"][name]
-        axes[2].plot(c["steps"], c["accuracy"], label=labels2[name])
+        axes[2].plot(c["steps"], c["accuracy"], label=labels2[name], color=colors[name])
     axes[2].axhline(src2, color="k", ls="--", label="target (fine-tuned A)")
     axes[2].set(xlabel="fine-tuning steps", ylabel="test accuracy (task 2)",
                 title=f"2: base model update (base B seed {first2['seed']})")
