@@ -85,6 +85,13 @@ def steps_to(curve, target):
     return None
 
 
+def evaluate_starts(problem, starts, names, budget, every, accuracy, target):
+    """Per start: accuracy with zero steps, the training curve from it, and the steps to reach ``target``."""
+    curves = {name: training_curve(problem, starts[name], budget, every, accuracy) for name in names}
+    return {"zero_step_accuracy": {name: curves[name]["accuracy"][0] for name in names},
+            "steps_to_target": {name: steps_to(curves[name], target) for name in names}, "curves": curves}
+
+
 def transfer_all(spec, source, target_start, grad_fn, target_traj=None):
     """Zero-step parameters of every starting point, and the seconds/gradient evaluations of each method."""
     out, cost = {"init": target_start, "naive": tr.naive_transfer(source, target_start)}, {}
@@ -114,13 +121,8 @@ def experiment_same_task(cfg, data, progress):
         target_problem = make_problem(cfg, data, seed, cfg["steps"], cfg["lr"])
         target_traj = record_trajectory(target_problem, {}, points)
         starts, cost = transfer_all(spec, source, target_traj.initial, grad_fn, target_traj)
-        row = {"seed": seed, "cost": cost, "zero_step_accuracy": {}, "steps_to_target": {}, "curves": {}}
-        for name in START_POINTS:
-            row["zero_step_accuracy"][name] = accuracy(starts[name])
-            curve = training_curve(target_problem, starts[name], budget, cfg["eval_every"], accuracy)
-            row["curves"][name] = curve
-            row["steps_to_target"][name] = steps_to(curve, source_acc)
-        per_seed.append(row)
+        per_seed.append({"seed": seed, "cost": cost, **evaluate_starts(target_problem, starts, START_POINTS, budget,
+                                                                        cfg["eval_every"], accuracy, source_acc)})
     return {"source_accuracy": source_acc, "target_accuracy": source_acc, "budget_steps": budget,
             "trajectory_steps": points, "per_seed": per_seed}
 
@@ -155,14 +157,9 @@ def experiment_base_update(cfg, data, progress):
     for seed in progress_bar(cfg["base_seeds"], desc="exp 2: bases B", disable=not progress):
         base_b = pretrain(seed)
         starts, cost = transfer_all(spec, source, base_b, grad_fn)
-        row = {"seed": seed, "base_accuracy_task1": accuracy_task1(base_b), "cost": cost, "zero_step_accuracy": {},
-               "steps_to_target": {}, "curves": {}}
-        for name in START_POINTS2:
-            row["zero_step_accuracy"][name] = accuracy(starts[name])
-            curve = training_curve(problem, starts[name], cfg["budget"] * ft, cfg["eval_every"], accuracy)
-            row["curves"][name] = curve
-            row["steps_to_target"][name] = steps_to(curve, source_acc)
-        per_seed.append(row)
+        per_seed.append({"seed": seed, "base_accuracy_task1": accuracy_task1(base_b), "cost": cost,
+                         **evaluate_starts(problem, starts, START_POINTS2, cfg["budget"] * ft, cfg["eval_every"],
+                                           accuracy, source_acc)})
     return {"base_A_accuracy_task1": accuracy_task1(base_a), "source_accuracy": source_acc,
             "budget_steps": cfg["budget"] * ft, "per_seed": per_seed}
 
