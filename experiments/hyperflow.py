@@ -53,6 +53,11 @@ BIAS_META_ITERS = 3000
 BASE, NOVEL = tuple(range(5)), tuple(range(5, 10))
 
 
+def best_setting(scores, candidates, steps_of):
+    """The candidate with the highest score; a tie goes to the one with fewer steps (``steps_of(candidate)``)."""
+    return max(candidates, key=lambda k: (scores[k], -steps_of(k)))
+
+
 def ci95(values):
     values = np.asarray(values, float)
     half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
@@ -173,9 +178,8 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress):
     for lr in cfg["full_lrs"]:
         for steps in cfg["full_steps"]:
             grid[("full", lr, steps)] = float(acc(full_fn(lr, steps), tuning).mean())
-    # ties (equal accuracy on the tuning episodes) go to the setting with fewer steps
-    best_bias = max((k for k in grid if k[0] == "bias"), key=lambda k: (grid[k], -k[1]))[1:]
-    best_full = max((k for k in grid if k[0] == "full"), key=lambda k: (grid[k], -k[2]))[1:]
+    best_bias = best_setting(grid, [k for k in grid if k[0] == "bias"], lambda k: k[1])[1:]
+    best_full = best_setting(grid, [k for k in grid if k[0] == "full"], lambda k: k[2])[1:]
     out["tuning"] = [{"method": k[0], "setting": k[1:], "accuracy": v} for k, v in grid.items()]
     out["tuning_proto_accuracy"] = float(acc(proto_fn, tuning).mean())
     steps, lr_head, lr_bias = best_bias
@@ -217,7 +221,7 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress):
     hf_grid = {n: float(acc(hf_fn(n), tuning, phi).mean())
                for n in sorted(set(cfg["euler_steps"]) | {cfg["bias_rollout_euler"]})}
     out["tuning_hyperflow"] = [{"euler_steps": n, "accuracy": v} for n, v in hf_grid.items()]
-    n_euler = max(hf_grid, key=lambda n: (hf_grid[n], -n))
+    n_euler = best_setting(hf_grid, hf_grid, lambda n: n)
     print(f"[bias mode] meta-training {sim_seconds + fit_seconds:.1f} s (simulation {sim_seconds:.1f} s); "
           f"Euler steps picked: {n_euler} (tuning {hf_grid})")
 
@@ -313,7 +317,7 @@ def main():
     for kind, lr, steps in progress_bar(settings, desc="tuning fine-tuning", disable=not progress):
         fn = (head_fn if kind == "head" else full_fn)(lr, steps)
         grid[(kind, lr, steps)] = float(acc_of(fn, tuning).mean())
-    best = {kind: max((k for k in grid if k[0] == kind), key=lambda k: (grid[k], -k[2])) for kind in ("head", "full")}
+    best = {kind: best_setting(grid, [k for k in grid if k[0] == kind], lambda k: k[2]) for kind in ("head", "full")}
     report["tuning"] = [{"method": k[0], "lr": k[1], "steps": k[2], "accuracy": v} for k, v in grid.items()]
     report["tuning_proto_accuracy"] = float(acc_of(proto_fn, tuning).mean())
     (_, head_lr, head_steps), (_, full_lr, full_steps) = best["head"], best["full"]
@@ -351,7 +355,7 @@ def main():
                for label in variants for n in cfg["euler_steps"]}
     report["tuning_hyperflow"] = [{"interpolations": k[0], "euler_steps": k[1], "accuracy": v}
                                   for k, v in hf_grid.items()]
-    pick = {label: max((k for k in hf_grid if k[0] == label), key=lambda k: (hf_grid[k], -k[1]))[1]
+    pick = {label: best_setting(hf_grid, [k for k in hf_grid if k[0] == label], lambda k: k[1])[1]
             for label in variants}
     primary = max(((label, pick[label]) for label in variants), key=hf_grid.get)[0]
     meta_seconds = report["meta_training"][primary]["seconds"]
