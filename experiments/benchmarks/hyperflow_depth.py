@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
+import sys
 
 
 def main():
@@ -42,22 +42,18 @@ def main():
     from metagrad import hyperflow_bias as hb
     from metagrad.report import format_table, write_json
 
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
+    from hyperflow import cost_per_episode  # the experiment's own cost measurement
+
     n = args.ways * args.shots
     x = jnp.asarray(np.random.default_rng(0).normal(size=(n, 40)), jnp.float32)
     y = jnp.repeat(jnp.arange(args.ways), args.shots)
 
     def cost(fn, params):
-        """Median time and XLA memory of ``fn(params, x, y)``; the weights are arguments, not baked-in constants."""
-        jitted = jax.jit(fn)
-        mem = jitted.lower(params, x, y).compile().memory_analysis()
-        jax.block_until_ready(jitted(params, x, y))
-        times = []
-        for _ in range(args.repeats):
-            tic = time.perf_counter()
-            jax.block_until_ready(jitted(params, x, y))
-            times.append(time.perf_counter() - tic)
-        return {"ms": 1e3 * float(np.median(times)), "alloc_kib": (mem.temp_size_in_bytes + mem.output_size_in_bytes)
-                / 1024, "argument_kib": mem.argument_size_in_bytes / 1024}
+        """:func:`hyperflow.cost_per_episode` of ``fn(params, x, y)``, in ms and KiB; weights are arguments."""
+        c = cost_per_episode(fn, (params,), {"support_x": x[None], "support_y": y[None]}, args.repeats)
+        return {"ms": 1e3 * c["seconds_median"], "alloc_kib": c["alloc_bytes"] / 1024,
+                "argument_kib": c["argument_bytes"] / 1024}
 
     rows, results = [], []
     for depth in args.depths:
