@@ -21,10 +21,13 @@ parameter-efficient subset -- every bias of a wider backbone (MLP 40-512-64)
 plus the head -- is adapted, on the same episodes. Baselines: GD fine-tuning of
 that subset (backprop through the backbone each step; steps, head LR and bias LR
 tuned), full fine-tuning (tuned), no adaptation (pretrained biases, prototype
-head). HyperFlow's drift is meta-trained on simulated GD trajectories of the
-subset, refined end to end on its own 5-step Euler rollouts (matching GD's model
-on the meta-tasks' query inputs), and integrated with a tuned number of Euler
-steps (forward passes only). Throughout, a tie on the tuning episodes goes to
+head). Two HyperFlow drifts are meta-trained on simulated GD trajectories of
+the subset, each refined end to end on its own 5-step Euler rollouts (matching
+GD's model on the meta-tasks' query inputs) and integrated with a tuned number
+of Euler steps (forward passes only): the *live* drift runs a backbone forward
+pass under the current biases at every Euler step; the *encoded* drift, as in
+the paper, sees the support set only through statistics computed once at the
+start, so integrating it runs no pass of the target model. Throughout, a tie on the tuning episodes goes to
 the setting with fewer steps.
 """
 
@@ -119,12 +122,15 @@ def compare_methods(methods, acc, backbone, test, num_timed, *, desc, progress):
             c = costs[name]
             rows.append((source[:1], name, f"{m:.4f} +- {h:.4f}", f"{1e3 * c['seconds_median']:.3f}",
                          f"{c['alloc_bytes'] / 1024:.1f}", f"{c['peak_bytes'] / 1024:.1f}"))
-    hf_name = names[3]
-    ratios = {other: {"time": costs[other]["seconds_median"] / costs[hf_name]["seconds_median"],
-                      "alloc_memory": costs[other]["alloc_bytes"] / costs[hf_name]["alloc_bytes"],
-                      "peak_memory": costs[other]["peak_bytes"] / costs[hf_name]["peak_bytes"]}
-              for other in names[1:3]}
-    return accs, costs, rows, ratios
+    return accs, costs, rows, cost_ratios(costs, names[1:3], names[3])
+
+
+def cost_ratios(costs, others, hf_name):
+    """Time and memory of each of ``others`` over those of ``hf_name`` (> 1: HyperFlow is cheaper)."""
+    return {other: {"time": costs[other]["seconds_median"] / costs[hf_name]["seconds_median"],
+                    "alloc_memory": costs[other]["alloc_bytes"] / costs[hf_name]["alloc_bytes"],
+                    "peak_memory": costs[other]["peak_bytes"] / costs[hf_name]["peak_bytes"]}
+            for other in others}
 
 
 def gains(accs, names, finetune_key):
@@ -186,7 +192,7 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress):
     print(f"[bias mode] tuned: biases+head GD {steps} steps, head lr {lr_head}, bias lr {lr_bias}; full FT lr "
           f"{best_full[0]} x {best_full[1]} steps")
 
-    # ---- meta-train the drift on simulated (biases, head) fine-tuning trajectories
+    # ---- meta-train the two drifts on simulated (biases, head) fine-tuning trajectories
     mt = {k: v[:cfg["bias_meta_tasks"]] for k, v in meta_tasks.items()}
     tic = time.perf_counter()
     traj = hb.simulate_trajectories(backbone, jnp.asarray(mt["support_x"]), jnp.asarray(mt["support_y"]),
@@ -194,62 +200,72 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress):
                                     num_starts=cfg["bias_starts"], ways=WAYS, scale=scale)
     jax.block_until_ready(traj)
     sim_seconds = time.perf_counter() - tic
-    tic = time.perf_counter()
-    dcfg0 = hb.BiasDriftConfig(head=hf.DriftConfig(ways=WAYS, hidden=64, scale=scale), hidden=cfg["bias_drift_hidden"])
-    phi, dcfg, history = hb.meta_train(traj, backbone, dcfg0, num_iters=cfg["bias_meta_iters"], batch_tasks=32,
-                                       learning_rate=3e-3, progress=progress)
-    regressed_fit = hb.per_leaf_fit(phi, dcfg, traj, backbone)
-    phi, rollout_history = hb.refine_on_rollouts(phi, dcfg, traj, backbone, jnp.asarray(mt["query_x"]),
-                                                 num_euler=cfg["bias_rollout_euler"],
-                                                 num_iters=cfg["bias_rollout_iters"], progress=progress)
-    jax.block_until_ready(phi)
-    fit_seconds = time.perf_counter() - tic
-    out["meta_training"] = {
-        "seconds": sim_seconds + fit_seconds, "simulation_seconds": sim_seconds, "tasks": len(mt["support_x"]),
-        "starts": cfg["bias_starts"], "knots": 10, "iterations": cfg["bias_meta_iters"], "interpolations": ("linear",),
-        "drift_parameters": int(sum(a.size for a in jax.tree.leaves(phi))), "loss_history": history,
-        "per_leaf_relative_error_after_regression": regressed_fit,
-        "per_leaf_relative_error": hb.per_leaf_fit(phi, dcfg, traj, backbone),
-        "rollout_refinement": {"euler_steps": cfg["bias_rollout_euler"], "iterations": cfg["bias_rollout_iters"],
-                               "loss_history": rollout_history},
-        "emulated_run": {"steps": steps, "lr_head": lr_head, "lr_bias": lr_bias}}
+    drifts, out["meta_training"], out["tuning_hyperflow"], picks = {}, {}, {}, {}
+    for support in hb.SUPPORT_MODES:
+        tic = time.perf_counter()
+        dcfg0 = hb.BiasDriftConfig(head=hf.DriftConfig(ways=WAYS, hidden=64, scale=scale),
+                                   hidden=cfg["bias_drift_hidden"], support=support)
+        phi, dcfg, history = hb.meta_train(traj, backbone, dcfg0, num_iters=cfg["bias_meta_iters"], batch_tasks=32,
+                                           learning_rate=3e-3, progress=progress)
+        regressed_fit = hb.per_leaf_fit(phi, dcfg, traj, backbone)
+        phi, rollout_history = hb.refine_on_rollouts(phi, dcfg, traj, backbone, jnp.asarray(mt["query_x"]),
+                                                     num_euler=cfg["bias_rollout_euler"],
+                                                     num_iters=cfg["bias_rollout_iters"], progress=progress)
+        jax.block_until_ready(phi)
+        fit_seconds = time.perf_counter() - tic
+        drifts[support] = (phi, dcfg)
+        out["meta_training"][support] = {
+            "seconds": sim_seconds + fit_seconds, "simulation_seconds": sim_seconds, "tasks": len(mt["support_x"]),
+            "starts": cfg["bias_starts"], "knots": 10, "iterations": cfg["bias_meta_iters"],
+            "interpolations": ("linear",), "drift_parameters": int(sum(a.size for a in jax.tree.leaves(phi))),
+            "loss_history": history, "per_leaf_relative_error_after_regression": regressed_fit,
+            "per_leaf_relative_error": hb.per_leaf_fit(phi, dcfg, traj, backbone),
+            "rollout_refinement": {"euler_steps": cfg["bias_rollout_euler"], "iterations": cfg["bias_rollout_iters"],
+                                   "loss_history": rollout_history},
+            "emulated_run": {"steps": steps, "lr_head": lr_head, "lr_bias": lr_bias}}
+
+        def hf_fn(n, dcfg=dcfg):
+            return lambda p, bb, sx, sy: hb.adapt(p, bb, sx, sy, config=dcfg, num_steps=n)
+
+        hf_grid = {n: float(acc(hf_fn(n), tuning, phi).mean())
+                   for n in sorted(set(cfg["euler_steps"]) | {cfg["bias_rollout_euler"]})}
+        out["tuning_hyperflow"][support] = [{"euler_steps": n, "accuracy": v} for n, v in hf_grid.items()]
+        picks[support] = (best_setting(hf_grid, hf_grid, lambda n: n), hf_fn)
+        print(f"[bias mode] {support} drift: meta-training {sim_seconds + fit_seconds:.1f} s (simulation "
+              f"{sim_seconds:.1f} s); Euler steps picked: {picks[support][0]} (tuning {hf_grid})")
     del traj
-
-    def hf_fn(n):
-        return lambda p, bb, sx, sy: hb.adapt(p, bb, sx, sy, config=dcfg, num_steps=n)
-
-    hf_grid = {n: float(acc(hf_fn(n), tuning, phi).mean())
-               for n in sorted(set(cfg["euler_steps"]) | {cfg["bias_rollout_euler"]})}
-    out["tuning_hyperflow"] = [{"euler_steps": n, "accuracy": v} for n, v in hf_grid.items()]
-    n_euler = best_setting(hf_grid, hf_grid, lambda n: n)
-    print(f"[bias mode] meta-training {sim_seconds + fit_seconds:.1f} s (simulation {sim_seconds:.1f} s); "
-          f"Euler steps picked: {n_euler} (tuning {hf_grid})")
 
     methods = {
         "no adaptation (pretrained biases, prototypes)": (proto_fn, ()),
         f"fine-tune biases+head (GD, {steps} steps, lr head {lr_head}, biases {lr_bias})": (ft_fn(*best_bias), ()),
         f"full fine-tune (GD, lr {best_full[0]}, {best_full[1]} steps)": (full_fn(*best_full), ()),
-        f"HyperFlow[biases+head] ({n_euler} Euler steps)": (hf_fn(n_euler), (phi,)),
     }
+    for support, (n_euler, hf_fn) in picks.items():  # the live drift is names[3], the encoded one names[4]
+        methods[f"HyperFlow[biases+head, {support} support] ({n_euler} Euler steps)"] = (hf_fn(n_euler),
+                                                                                         (drifts[support][0],))
     names = list(methods)
     accs_all, costs, rows, ratios = compare_methods(methods, acc, backbone, test, cfg["timed"],
                                                     desc="[bias mode] timing", progress=progress)
+    ratios = {support: cost_ratios(costs, names[1:3], name) for support, name in zip(picks, names[3:])}
     results = {}
     for source, accs in accs_all.items():
-        ft, hfa = accs[names[1]], accs[names[3]]
-        results[source] = {**gains(accs, names, "gain_finetune_subset"),
-                           "finetune_minus_proto_ci95": ci95(ft - accs[names[0]])[1],
-                           "hyperflow_minus_finetune_ci95": ci95(hfa - ft)[1]}
-    goals = {
-        "recovers_90pct_of_subset_finetuning_gain": {s: r["recovered_fraction"] >= 0.9 for s, r in results.items()},
-        "10x_faster_than_subset_finetuning": ratios[names[1]]["time"] >= 10,
-        "10x_less_alloc_memory_than_subset_finetuning": ratios[names[1]]["alloc_memory"] >= 10,
-        "10x_less_peak_memory_than_subset_finetuning": ratios[names[1]]["peak_memory"] >= 10,
-        "10x_faster_than_full_finetuning": ratios[names[2]]["time"] >= 10,
-        "10x_less_alloc_memory_than_full_finetuning": ratios[names[2]]["alloc_memory"] >= 10,
-    }
+        results[source] = {}
+        for support, name in zip(picks, names[3:]):
+            order = names[:3] + [name]
+            results[source][support] = {**gains({n: accs[n] for n in order}, order, "gain_finetune_subset"),
+                                        "finetune_minus_proto_ci95": ci95(accs[names[1]] - accs[names[0]])[1],
+                                        "hyperflow_minus_finetune_ci95": ci95(accs[name] - accs[names[1]])[1]}
+    goals = {support: {
+        "recovers_90pct_of_subset_finetuning_gain": {s: r[support]["recovered_fraction"] >= 0.9
+                                                     for s, r in results.items()},
+        "10x_faster_than_subset_finetuning": ratios[support][names[1]]["time"] >= 10,
+        "10x_less_alloc_memory_than_subset_finetuning": ratios[support][names[1]]["alloc_memory"] >= 10,
+        "10x_less_peak_memory_than_subset_finetuning": ratios[support][names[1]]["peak_memory"] >= 10,
+        "10x_faster_than_full_finetuning": ratios[support][names[2]]["time"] >= 10,
+        "10x_less_alloc_memory_than_full_finetuning": ratios[support][names[2]]["alloc_memory"] >= 10,
+    } for support in picks}
     out.update(names=names, results=results, costs=costs, ratios_vs_hyperflow=ratios, goals=goals, rows=rows,
-               euler_steps=n_euler)
+               euler_steps={support: n for support, (n, _) in picks.items()})
     return out
 
 
@@ -420,12 +436,14 @@ def main():
     axes[2].set(yscale="log", xlabel="meta-training iteration", ylabel="velocity regression loss",
                 title=f"meta-training h_phi ({meta_seconds:.0f} s each)")
     axes = all_axes[1]
-    bnames, bshort = bias["names"], ["prototypes", "FT biases+head", "full FT", "HyperFlow[biases+head]"]
+    bnames = bias["names"]
+    bshort = ["prototypes", "FT biases+head", "full FT", "HyperFlow (live support)", "HyperFlow (encoded support)"]
     for j, (source, r) in enumerate(bias["results"].items()):
-        axes[0].bar(np.arange(len(bnames)) + 0.4 * j, [r["accuracy"][n]["mean"] for n in bnames], 0.4,
-                    yerr=[r["accuracy"][n]["ci95"] for n in bnames], capsize=3, label=source)
+        acc_b = r["live"]["accuracy"] | r["encoded"]["accuracy"]
+        axes[0].bar(np.arange(len(bnames)) + 0.4 * j, [acc_b[n]["mean"] for n in bnames], 0.4,
+                    yerr=[acc_b[n]["ci95"] for n in bnames], capsize=3, label=source)
     axes[0].set_xticks(np.arange(len(bnames)) + 0.2, bshort, fontsize=7, rotation=15)
-    lo = min(r["accuracy"][n]["mean"] for r in bias["results"].values() for n in bnames)
+    lo = min(a["mean"] for r in bias["results"].values() for v in r.values() for a in v["accuracy"].values())
     axes[0].set(ylim=(lo - 0.05, None), ylabel="query accuracy (95% CI)",
                 title=f"bias mode: backbone {bias['hidden']}, biases + head adapted")
     axes[0].legend(fontsize=7)
@@ -434,13 +452,15 @@ def main():
         axes[1].scatter(1e3 * c["seconds_median"], c["alloc_bytes"] / 1024, label=sh)
     axes[1].set(xscale="log", yscale="log", xlabel="adaptation time per episode (ms)",
                 ylabel="allocated memory (KiB, XLA)", title="bias mode: adaptation cost")
-    axes[1].legend()
-    h = bias["meta_training"]["loss_history"]
-    axes[2].plot(np.arange(1, len(h) + 1) * 100, h, label="velocity regression")
-    h2 = bias["meta_training"]["rollout_refinement"]["loss_history"]
-    axes[2].plot(len(h) * 100 + np.arange(1, len(h2) + 1) * 100, h2, label="rollout refinement (KL + params)")
+    axes[1].legend(fontsize=7)
+    for support, m in bias["meta_training"].items():
+        h, h2 = m["loss_history"], m["rollout_refinement"]["loss_history"]
+        line, = axes[2].plot(np.arange(1, len(h) + 1) * 100, h, label=f"{support}: velocity regression")
+        axes[2].plot(len(h) * 100 + np.arange(1, len(h2) + 1) * 100, h2, ls="--", color=line.get_color(),
+                     label=f"{support}: rollout refinement (KL + params)")
+    seconds = ", ".join(f"{m['seconds']:.0f} s" for m in bias["meta_training"].values())
     axes[2].set(yscale="log", xlabel="meta-training iteration", ylabel="loss",
-                title=f"bias mode: meta-training h_phi ({bias['meta_training']['seconds']:.0f} s)")
+                title=f"bias mode: meta-training h_phi ({seconds})")
     axes[2].legend(fontsize=7)
     for axis in [a for ax in all_axes[:, 1] for a in (ax.xaxis, ax.yaxis)]:  # readable log ticks at 1, 2, 5 x 10^k
         axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -465,20 +485,22 @@ def main():
         print(f"goal {goal}: {met}")
     print(f"\nbias mode: backbone {bias['hidden']}, adapted subset = all biases + head")
     print(format_table(("src", "method", "accuracy +- 95% CI", "time ms", "alloc KiB", "peak KiB"), bias["rows"]))
-    for source, r in bias["results"].items():
-        print(f"{source}: HyperFlow[biases+head] recovers {100 * r['recovered_fraction']:.0f}% of subset "
-              f"fine-tuning's gain ({r['gain_hyperflow']:+.4f} +- {r['hyperflow_minus_proto_ci95']:.4f} vs "
-              f"{r['gain_finetune_subset']:+.4f} +- {r['finetune_minus_proto_ci95']:.4f}; full FT "
-              f"{r['gain_full_finetune']:+.4f})")
-    for other, q in bias["ratios_vs_hyperflow"].items():
-        print(f"vs {other}: {q['time']:.1f}x time, {q['alloc_memory']:.1f}x allocated memory, "
-              f"{q['peak_memory']:.1f}x peak memory")
-    bm = bias["meta_training"]
-    print(f"bias mode one-off meta-training: {bm['seconds']:.1f} s (simulation {bm['simulation_seconds']:.1f} s, "
-          f"{bm['tasks']} tasks x {bm['starts']} starts); drift parameters {bm['drift_parameters']}; "
-          f"per-leaf relative error {bm['per_leaf_relative_error']}")
-    for goal, met in bias["goals"].items():
-        print(f"bias mode goal {goal}: {met}")
+    for support in bias["meta_training"]:
+        for source, r in bias["results"].items():
+            r = r[support]
+            print(f"{source}: HyperFlow[{support} support] recovers {100 * r['recovered_fraction']:.0f}% of subset "
+                  f"fine-tuning's gain ({r['gain_hyperflow']:+.4f} +- {r['hyperflow_minus_proto_ci95']:.4f} vs "
+                  f"{r['gain_finetune_subset']:+.4f} +- {r['finetune_minus_proto_ci95']:.4f}; full FT "
+                  f"{r['gain_full_finetune']:+.4f})")
+        for other, q in bias["ratios_vs_hyperflow"][support].items():
+            print(f"  {other} / HyperFlow[{support} support]: {q['time']:.1f}x time, {q['alloc_memory']:.1f}x "
+                  f"allocated memory, {q['peak_memory']:.1f}x peak memory")
+        bm = bias["meta_training"][support]
+        print(f"  one-off meta-training: {bm['seconds']:.1f} s (simulation {bm['simulation_seconds']:.1f} s, "
+              f"{bm['tasks']} tasks x {bm['starts']} starts); drift parameters {bm['drift_parameters']}; "
+              f"per-leaf relative error {bm['per_leaf_relative_error']}")
+        for goal, met in bias["goals"][support].items():
+            print(f"  bias mode goal ({support} support) {goal}: {met}")
     print(f"total {time.perf_counter() - t_start:.0f} s; wrote {args.out}/result.json and hyperflow.png")
 
 

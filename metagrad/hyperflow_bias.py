@@ -29,6 +29,15 @@ The drift network ``h_phi(theta, t | S)`` uses forward-pass information only:
   replaced by these contractions, all from one matrix product per layer
   (0.33 ms per drift evaluation in the same measurement).
 
+That is the *live* drift (``BiasDriftConfig(support="live")``): every Euler
+step runs a backbone forward pass. The *encoded* drift
+(``support="encoded"``, :func:`encoded_drift`) follows the paper's design,
+where integrating runs no pass of the target model: the support set is encoded
+once at the starting point (:func:`encode_support`: the same statistics, layer
+by layer, so the encoding never holds more than one layer's activations), and
+each Euler step evaluates the token MLPs on that encoding, the current
+parameters and their displacement from the start.
+
 Meta-training regresses the drift on velocities (the paper's Sec. 3.2) and
 then refines it end to end on its own Euler rollouts
 (:func:`refine_on_rollouts`, an addition to the paper).
@@ -140,37 +149,54 @@ class BiasDriftConfig:
       head_scales: ``{"bias": ., "kernel": .}`` factors on the head drift's outputs (set by
         :func:`meta_train` to each leaf's RMS straight-path velocity over ``head.velocity_scale``):
         the head's bias moves far less than ``T eta`` and is otherwise badly scaled.
+      support: how the drift sees the support set. ``"live"`` (:func:`drift`): a backbone forward
+        pass under the current biases at every Euler step. ``"encoded"`` (:func:`encoded_drift`, as
+        in the paper: no forward pass of the target model while integrating): the support set is
+        encoded once at the starting point by :func:`encode_support`, and each Euler step runs only
+        the drift network on that encoding and the current parameters.
     """
 
     head: hf.DriftConfig = hf.DriftConfig()
     hidden: int = 16
     bias_scales: tuple = ()
     head_scales: tuple = (("bias", 1.0), ("kernel", 1.0))
+    support: str = "live"
+
+    def __post_init__(self):
+        if self.support not in SUPPORT_MODES:
+            raise ValueError(f"support must be one of {SUPPORT_MODES}, got {self.support!r}.")
 
 
+SUPPORT_MODES = ("live", "encoded")
 _UNIT_IN = 14
 
 
 def init_drift(key, config: BiasDriftConfig, layers: int):
     h = config.hidden
+    unit_in = _UNIT_IN + (config.support == "encoded")  # the encoded drift also sees the bias displacement
     return {"head": hf.init_drift(jax.random.fold_in(key, 0), config.head),
-            "units": [hf._mlp_init(jax.random.fold_in(key, 10 + i), (_UNIT_IN, h, h, 1)) for i in range(layers)]}
+            "units": [hf._mlp_init(jax.random.fold_in(key, 10 + i), (unit_in, h, h, 1)) for i in range(layers)]}
 
 
-def _unit_tokens(z, h, logits, p, y1h, counts, own, bias, w_head, t):
-    """(W, _UNIT_IN) tokens of one layer's units from forward statistics of the support set.
+def _unit_statistics(z, h, logits, p, y1h, counts, own, classwise: bool):
+    """Forward statistics of one layer's units on the support set: what their tokens hold besides the bias and ``t``.
 
-    Per (unit j, class c) statistics -- mean activation, correlation of the activation with the
-    logit of c, activation- and firing-weighted means of the residual ``p_c - y_c`` -- are contracted
-    over classes (sums of products, means, spreads), so the tokens are invariant to relabeling the
-    classes; no derivative and no transposed weight product is formed. All per-unit statistics come
-    from one ``(2W, N) @ (N, 3K + 2)`` product of [activation, firing indicator] with [residual,
-    class-mean weights, standardized logits, standardized per-example loss, 1 - p(true class)].
+    Per (unit j, class c) statistics -- the activation- and firing-weighted means of the residual
+    ``p_c - y_c`` (``err_h``, ``err_a``), the mean activation on class c (``mean_c``), the correlation
+    of the activation with the logit of c -- are contracted over classes (sums of products, means,
+    spreads), so the tokens are invariant to relabeling the classes. Returns ``{"static": (W, 8),
+    "classwise": {"err_h", "err_a", "mean_c"} (W, K) or None}``; ``static`` holds, per unit,
+    ``corr . err_h``, ``corr . err_a``, ``corr . (own - mean own)``, the correlation with the
+    per-example loss, the firing-weighted mean of ``1 - p(true class)``, the firing rate, the class
+    spread of the mean activation and the scaled mean pre-activation. ``classwise`` (kept only where
+    ``classwise``: the last layer, whose units meet the head's kernel) is contracted with the head's
+    kernel row by :func:`_tokens`. Everything comes from two ``(W, N) @ (N, 3K + 2)`` products of
+    the activation and the firing indicator with [residual, class-mean weights, standardized logits,
+    standardized per-example loss, 1 - p(true class)]; no derivative and no transposed weight
+    product is formed.
     """
     n, k = y1h.shape
-    w = h.shape[1]
     s = jnp.sqrt(jnp.mean(h * h, 0)) + 1e-6  # (W,) unit scale
-    hn = h / s
     active = (z > 0).astype(h.dtype)
     nll = -jnp.log(jnp.sum(p * y1h, -1, keepdims=True) + 1e-9)  # (N, 1) per-example loss
 
@@ -180,42 +206,129 @@ def _unit_tokens(z, h, logits, p, y1h, counts, own, bias, w_head, t):
 
     right = jnp.concatenate([p - y1h, y1h * (n / counts), standardize(logits), standardize(nll),
                              1.0 - jnp.exp(-nll)], 1)  # (N, 3K + 2)
-    stats = jnp.concatenate([hn, active], 1).T @ right / n  # (2W, 3K + 2)
-    sh, sa = stats[:w], stats[w:]
-    err_h, err_a = 5.0 * sh[:, :k], 5.0 * sa[:, :k]
-    mean_c = sh[:, k:2 * k]
-    hstd = jnp.sqrt(jnp.maximum(jnp.mean(hn * hn, 0) - jnp.mean(hn, 0) ** 2, 0.0)) + 1e-6
+    sh = (h.T @ right) / (n * s[:, None])  # statistics of the activation in units of its scale
+    sa = active.T @ right / n
+    mean_hn = jnp.mean(h, 0) / s
+    hstd = jnp.sqrt(jnp.maximum(jnp.mean(h * h, 0) / s**2 - mean_hn**2, 0.0)) + 1e-6
+    err_h, err_a, mean_c = 5.0 * sh[:, :k], 5.0 * sa[:, :k], sh[:, k:2 * k]
     corr = sh[:, 2 * k:3 * k] / hstd[:, None]
-    corr_nll = sh[:, 3 * k] / hstd
-    tt = jnp.asarray(t, h.dtype)
-    feats = [jnp.sum(w_head * err_h, 1), jnp.sum(w_head * err_a, 1), jnp.sum(corr * err_h, 1),
-             jnp.sum(corr * err_a, 1), jnp.sum(corr * (own - own.mean()), 1), corr_nll, 5.0 * sa[:, 3 * k + 1],
-             jnp.mean(active, 0), jnp.std(mean_c, 1), bias, jnp.mean(z, 0) / s, jnp.sum(w_head * mean_c, 1),
-             jnp.full((w,), tt), jnp.full((w,), jnp.sin(jnp.pi * tt))]
+    static = jnp.stack([jnp.sum(corr * err_h, 1), jnp.sum(corr * err_a, 1), jnp.sum(corr * (own - own.mean()), 1),
+                        sh[:, 3 * k] / hstd, 5.0 * sa[:, 3 * k + 1], jnp.mean(active, 0), jnp.std(mean_c, 1),
+                        jnp.mean(z, 0) / s], -1)
+    return {"static": static, "classwise": {"err_h": err_h, "err_a": err_a, "mean_c": mean_c} if classwise else None}
+
+
+def _tokens(stats, bias, w_head, t):
+    """(W, _UNIT_IN) unit tokens: :func:`_unit_statistics` plus the head-kernel contractions, the unit's bias and ``t``.
+
+    ``w_head`` is the last layer's rescaled head kernel (W, K), or None for the other layers (their
+    kernel contractions are zero).
+    """
+    c = stats["static"]
+    w = c.shape[0]
+    if w_head is None:
+        by_head = [jnp.zeros((w,), c.dtype)] * 3
+    else:
+        cw = stats["classwise"]
+        by_head = [jnp.sum(w_head * cw[name], 1) for name in ("err_h", "err_a", "mean_c")]
+    tt = jnp.asarray(t, c.dtype)
+    feats = [by_head[0], by_head[1], c[:, 0], c[:, 1], c[:, 2], c[:, 3], c[:, 4], c[:, 5], c[:, 6], bias, c[:, 7],
+             by_head[2], jnp.full((w,), tt), jnp.full((w,), jnp.sin(jnp.pi * tt))]
     return jnp.stack(feats, -1)
+
+
+def _head_kernel_rows(theta, config):
+    """The head kernel rescaled to the last layer's per-unit class weights."""
+    return theta["head"]["kernel"] * jnp.sqrt(theta["head"]["kernel"].shape[0]) / (2 * config.head.scale)
+
+
+def _head_velocity(phi, theta, t, feats, y_onehot, config):
+    v_head = hf.drift(phi["head"], theta["head"], t, feats, y_onehot, config.head)
+    return {k: v * dict(config.head_scales)[k] for k, v in v_head.items()}
+
+
+def _confidence(head, feats, y_onehot):
+    """Support-set probabilities of the head and each class's mean confidence in itself."""
+    p = jax.nn.softmax(hf.head_logits(head, feats), -1)
+    counts = jnp.maximum(y_onehot.sum(0), 1.0)
+    return p, counts, jnp.sum(p * y_onehot, 0) / counts
 
 
 def drift(phi, theta, t, backbone, x, y_onehot, config: BiasDriftConfig):
     """``h_phi(theta, t | S)`` for ``theta = {"biases", "head"}``: a backbone forward pass, then the token MLPs."""
     zs, hs, f = forward(backbone, theta["biases"], x)
-    v_head = hf.drift(phi["head"], theta["head"], t, f, y_onehot, config.head)
-    v_head = {k: v * dict(config.head_scales)[k] for k, v in v_head.items()}
+    v_head = _head_velocity(phi, theta, t, f, y_onehot, config)
     logits = hf.head_logits(theta["head"], f)
-    p = jax.nn.softmax(logits, -1)
-    counts = jnp.maximum(y_onehot.sum(0), 1.0)
-    own = jnp.sum(p * y_onehot, 0) / counts
+    p, counts, own = _confidence(theta["head"], f, y_onehot)
     nl = len(zs)
     v_bias = {}
     for i, (z, h) in enumerate(zip(zs, hs)):
-        name = f"Dense_{i}"
-        if i == nl - 1:
-            w_head = theta["head"]["kernel"] * jnp.sqrt(h.shape[1]) / (2 * config.head.scale)
-        else:
-            w_head = jnp.zeros((h.shape[1], y_onehot.shape[1]), h.dtype)
-        tok = _unit_tokens(z, h, logits, p, y_onehot, counts, own, theta["biases"][name], w_head, t)
+        name, last = f"Dense_{i}", i == nl - 1
+        stats = _unit_statistics(z, h, logits, p, y_onehot, counts, own, classwise=last)
+        tok = _tokens(stats, theta["biases"][name], _head_kernel_rows(theta, config) if last else None, t)
         v = hf._mlp_apply(phi["units"][i], tok)[:, 0]  # (W,)
         v_bias[name] = config.bias_scales[i] * v
     return {"biases": v_bias, "head": v_head}
+
+
+def encode_support(backbone, theta0, x, y_onehot):
+    """The encoded drift's view of the support set: forward statistics at the starting point, computed once.
+
+    Two forward passes, each keeping only what it needs: the first gives the
+    support features and the head's probabilities at ``theta0``; the second
+    recomputes the layers one at a time and reduces each to its per-unit
+    statistics (:func:`_unit_statistics`) before the next. The barrier keeps
+    XLA from merging the two passes into one that holds every layer's
+    activations, so the encoding's memory is that of one layer, not of the
+    whole network (what backprop keeps).
+    """
+    f = features(backbone, theta0["biases"], x)
+    logits = hf.head_logits(theta0["head"], f)
+    p, counts, own = _confidence(theta0["head"], f, y_onehot)
+    # The second pass reads x through the first pass's result, so that it can neither be merged with the
+    # first pass nor run ahead of it (XLA on CPU drops optimization barriers); the select is the identity
+    # unless the head's probabilities are not finite, when the encoding is NaN either way.
+    h = jnp.where(jnp.all(jnp.isfinite(p)), x.reshape((x.shape[0], -1)), jnp.nan)
+    units, nl = [], num_layers(backbone)
+    for i in range(nl):
+        name = f"Dense_{i}"
+        z = h @ backbone[name]["kernel"] + theta0["biases"][name]
+        h = jax.nn.relu(z)
+        stats = _unit_statistics(z, h, logits, p, y_onehot, counts, own, classwise=i == nl - 1)
+        units.append(stats)
+    return {"feats": f, "units": units, "biases0": theta0["biases"]}
+
+
+def encoded_drift(phi, theta, t, encoding, y_onehot, config: BiasDriftConfig):
+    """``h_phi(theta, t | S)`` with the support set seen only through :func:`encode_support` (no target-model pass).
+
+    As in the paper's drift, integrating it runs no forward pass of the
+    backbone: the head part is the set network on the support features at the
+    starting point, the bias part the per-unit MLPs on the starting point's
+    unit statistics (the last layer's contracted with the *current* head
+    kernel), the current bias and its displacement from the start (in units
+    of the layer's velocity scale). The drift learns how the statistics would move
+    from the rollout refinement (:func:`refine_on_rollouts`).
+    """
+    v_head = _head_velocity(phi, theta, t, encoding["feats"], y_onehot, config)
+    nl = len(encoding["units"])
+    v_bias = {}
+    for i, stats in enumerate(encoding["units"]):
+        name = f"Dense_{i}"
+        bias = theta["biases"][name]
+        tok = _tokens(stats, bias, _head_kernel_rows(theta, config) if i == nl - 1 else None, t)
+        moved = (bias - encoding["biases0"][name]) / config.bias_scales[i]
+        v = hf._mlp_apply(phi["units"][i], jnp.concatenate([tok, moved[:, None]], 1))[:, 0]
+        v_bias[name] = config.bias_scales[i] * v
+    return {"biases": v_bias, "head": v_head}
+
+
+def velocity_field(phi, theta0, backbone, x, y_onehot, config: BiasDriftConfig):
+    """``(theta, t) -> h_phi(theta, t | S)`` for an integration that starts at ``theta0`` (per ``config.support``)."""
+    if config.support == "encoded":
+        encoding = encode_support(backbone, theta0, x, y_onehot)
+        return lambda theta, t: encoded_drift(phi, theta, t, encoding, y_onehot, config)
+    return lambda theta, t: drift(phi, theta, t, backbone, x, y_onehot, config)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps"))
@@ -223,8 +336,8 @@ def adapt(phi, backbone, support_x, support_y, *, config: BiasDriftConfig, num_s
     """HyperFlow adaptation of (biases, head): ``num_steps`` Euler steps of size ``1/num_steps`` (forward only)."""
     y1h = jax.nn.one_hot(support_y, config.head.ways)
     theta0 = init_theta(backbone, support_x, y1h, config.head.scale)
-    return hf.euler(lambda th, t: drift(phi, th, t, backbone, support_x, y1h, config), theta0, num_steps,
-                    1.0 / num_steps if num_steps else 0.0)
+    field = velocity_field(phi, theta0, backbone, support_x, y1h, config)
+    return hf.euler(field, theta0, num_steps, 1.0 / num_steps if num_steps else 0.0)
 
 
 # ----------------------------------------------------------------------------- trajectories and meta-training
@@ -291,7 +404,8 @@ def meta_train(trajectories, backbone, config: BiasDriftConfig, *, num_iters=200
 
     def sample_loss(phi, task, r, s, kind_index):
         point, target = hf.interpolated_sample(knots, task, r, s, kind_index, kinds)
-        pred = drift(phi, point, s, backbone, x[task], jax.nn.one_hot(y[task], ways), config)
+        start = jax.tree.map(lambda a: a[task, r, 0], knots)
+        pred = velocity_field(phi, start, backbone, x[task], jax.nn.one_hot(y[task], ways), config)(point, s)
         return _parameter_error(pred, target, rms)
 
     phi, history = hf.regress_drift(sample_loss, init_drift(jax.random.key(seed), config, layers),
@@ -350,11 +464,12 @@ def refine_on_rollouts(phi, config: BiasDriftConfig, trajectories, backbone, que
         return jax.nn.log_softmax(hf.head_logits(theta["head"], features(backbone, theta["biases"], qx)), -1)
 
     def sample_loss(phi, task, r, s, kind_index):  # s, kind_index: unused (whole rollouts)
-        y1h = jax.nn.one_hot(y[task], ways)
+        path = jax.tree.map(lambda a: a[task, r], knots)
+        field = velocity_field(phi, jax.tree.map(lambda a: a[0], path), backbone, x[task],
+                               jax.nn.one_hot(y[task], ways), config)
         return hf.rollout_divergence(
-            lambda theta, t: drift(phi, theta, t, backbone, x[task], y1h, config),
-            lambda theta: log_probs(theta, query_x[task]), lambda theta, target: _parameter_error(theta, target, rms),
-            jax.tree.map(lambda a: a[task, r], knots), num_euler, parameter_weight)
+            field, lambda theta: log_probs(theta, query_x[task]),
+            lambda theta, target: _parameter_error(theta, target, rms), path, num_euler, parameter_weight)
 
     return hf.regress_drift(sample_loss, phi, num_tasks=x.shape[0], num_starts=jax.tree.leaves(knots)[0].shape[1],
                             num_kinds=1, batch_tasks=batch_tasks, learning_rate=learning_rate, num_iters=num_iters,
@@ -370,7 +485,8 @@ def per_leaf_fit(phi, config, trajectories, backbone, num_tasks=64, s=0.5):
     def one(i):
         path = jax.tree.map(lambda a: a[i, 0], knots)
         point, target = hf.interpolate(path, s, "linear")
-        pred = drift(phi, point, s, backbone, x[i], jax.nn.one_hot(y[i], config.head.ways), config)
+        start = jax.tree.map(lambda a: a[0], path)
+        pred = velocity_field(phi, start, backbone, x[i], jax.nn.one_hot(y[i], config.head.ways), config)(point, s)
         return jax.tree.map(lambda p, q: (jnp.sum((p - q) ** 2), jnp.sum(q * q)), pred, target)
 
     out = jax.jit(jax.vmap(one))(jnp.asarray(idx))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,12 +147,12 @@ def test_reduced_experiment_hyperflow_beats_no_adaptation(reduced_setup):
 # ----------------------------------------------------------------------------- bias mode (biases + head)
 
 
-def _tiny_bias_model(seed=0):
+def _tiny_bias_model(seed=0, support="live"):
     from metagrad import hyperflow_bias as hb
 
     backbone = hf.feature_model(HIDDEN).init(jax.random.key(seed), jnp.zeros((1, 40)))["params"]
     config = hb.BiasDriftConfig(head=hf.DriftConfig(ways=3, hidden=8, velocity_scale=2.0), hidden=4,
-                                bias_scales=(0.5,) * len(HIDDEN))
+                                bias_scales=(0.5,) * len(HIDDEN), support=support)
     return hb.init_drift(jax.random.key(seed + 1), config, len(HIDDEN)), config, backbone
 
 
@@ -170,10 +172,11 @@ def test_bias_mode_forward_matches_features_and_finetune_moves_biases():
         assert float(jnp.max(jnp.abs(theta["biases"][name] - start["biases"][name]))) > 0
 
 
-def test_bias_mode_adapt_calls_no_gradient(monkeypatch):
+@pytest.mark.parametrize("support", ["live", "encoded"])
+def test_bias_mode_adapt_calls_no_gradient(monkeypatch, support):
     from metagrad import hyperflow_bias as hb
 
-    phi, config, backbone = _tiny_bias_model()
+    phi, config, backbone = _tiny_bias_model(support=support)
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(9, 40)), jnp.float32)
     y = jnp.asarray(np.repeat(np.arange(3), 3), jnp.int32)
@@ -190,16 +193,77 @@ def test_bias_mode_adapt_calls_no_gradient(monkeypatch):
     assert "grad" in calls  # control
 
 
-def test_reduced_bias_mode_hyperflow_beats_no_adaptation(reduced_setup, monkeypatch):
+def _dot_operand_shapes(jaxpr, in_loop=False):
+    """(operand shapes, inside a loop?) of every dot_general in a jaxpr, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append((tuple(tuple(v.aval.shape) for v in eqn.invars), in_loop))
+        loop = in_loop or eqn.primitive.name in ("scan", "while")
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dot_operand_shapes(inner, loop)
+    return found
+
+
+def test_encoded_support_integrates_without_the_backbone_and_streams_its_layers():
+    """The encoded drift (the paper's: no target-model pass while integrating) sees the same statistics as the
+    live drift at the start, runs no backbone product inside the Euler loop, and encodes layer by layer."""
+    from metagrad import hyperflow_bias as hb
+
+    phi, config, backbone = _tiny_bias_model(support="encoded")
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(9, 40)), jnp.float32)
+    y = jnp.asarray(np.repeat(np.arange(3), 3), jnp.int32)
+    y1h = jax.nn.one_hot(y, 3)
+    theta0 = hb.init_theta(backbone, x, y1h, config.head.scale)
+    encoding = hb.encode_support(backbone, theta0, x, y1h)
+    zs, hs, f = hb.forward(backbone, theta0["biases"], x)
+    p, counts, own = hb._confidence(theta0["head"], f, y1h)
+    logits = hf.head_logits(theta0["head"], f)
+    np.testing.assert_allclose(encoding["feats"], f, atol=1e-6)
+    for i, (z, h) in enumerate(zip(zs, hs)):
+        live = hb._unit_statistics(z, h, logits, p, y1h, counts, own, classwise=i == len(zs) - 1)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), encoding["units"][i], live)
+
+    kernels = {tuple(layer["kernel"].shape) for layer in backbone.values()}
+    for support, expect_in_loop in (("encoded", False), ("live", True)):
+        cfg = dataclasses.replace(config, support=support)
+        phi_s = hb.init_drift(jax.random.key(1), cfg, len(HIDDEN))
+        jaxpr = jax.make_jaxpr(lambda p_, b, xx, yy: hb.adapt(p_, b, xx, yy, config=cfg, num_steps=3))(
+            phi_s, backbone, x, y)
+        dots = _dot_operand_shapes(jaxpr.jaxpr)
+        backbone_dots = [loop for shapes, loop in dots if kernels & set(shapes)]
+        assert backbone_dots and not all(backbone_dots)  # the starting point's forward pass, outside the loop
+        assert any(backbone_dots) == expect_in_loop, (support, dots)
+
+    # The encoding's scratch memory does not grow with depth by a layer's activations (what backprop keeps).
+    def encode_temp_bytes(depth, width=64, n=25):
+        sizes = (40,) + (width,) * depth
+        bb = {f"Dense_{i}": {"kernel": jnp.ones((m, k)) / m, "bias": jnp.zeros(k)}
+              for i, (m, k) in enumerate(zip(sizes[:-1], sizes[1:]))}
+        xx, yy = jnp.ones((n, 40)), jax.nn.one_hot(jnp.arange(n) % 3, 3)
+        th = hb.init_theta(bb, xx, yy, 10.0)
+        return jax.jit(lambda b, t, v: hb.encode_support(b, t, v, yy)).lower(bb, th, xx).compile() \
+            .memory_analysis().temp_size_in_bytes
+
+    growth_per_layer = (encode_temp_bytes(10) - encode_temp_bytes(2)) / 8
+    assert growth_per_layer < 0.5 * 25 * 64 * 4, growth_per_layer
+
+
+@pytest.mark.parametrize("support", ["live", "encoded"])
+def test_reduced_bias_mode_hyperflow_beats_no_adaptation(reduced_setup, monkeypatch, support):
     """Bias mode, reduced: meta-train on (biases, head) GD trajectories (velocity regression, then rollout
-    refinement); adapt with no gradient; beat prototypes."""
+    refinement); adapt with no gradient; beat prototypes. For both drifts: the live one and the encoded one."""
     from metagrad import hyperflow_bias as hb
 
     backbone, meta_tasks, test = reduced_setup
     traj = hb.simulate_trajectories(backbone, jnp.asarray(meta_tasks["support_x"]),
                                     jnp.asarray(meta_tasks["support_y"]), jax.random.key(0), 1.0, 3.0,
                                     num_steps=50, num_knots=10, num_starts=1, ways=5, scale=10.0)
-    config = hb.BiasDriftConfig(head=hf.DriftConfig(hidden=16, scale=10.0), hidden=8)
+    config = hb.BiasDriftConfig(head=hf.DriftConfig(hidden=16, scale=10.0), hidden=8, support=support)
     phi, config, history = hb.meta_train(traj, backbone, config, num_iters=200, batch_tasks=16,
                                          learning_rate=1e-2, chunk=50, progress=False)
     assert history[-1] < 0.8 * history[0]
@@ -229,7 +293,7 @@ def test_reduced_bias_mode_hyperflow_beats_no_adaptation(reduced_setup, monkeypa
                                                  num_euler=5, num_iters=150, batch_tasks=16, learning_rate=3e-3,
                                                  chunk=50, progress=False)
     refined = kl_to_gd(phi)
-    print("bias mode reduced, KL to GD on held-out tasks: regressed", regressed, "refined", refined)
+    print(f"bias mode reduced ({support}), KL to GD on held-out tasks: regressed", regressed, "refined", refined)
     assert rollout_history[-1] < rollout_history[0] and refined < 0.9 * regressed, (rollout_history, regressed,
                                                                                      refined)
 
@@ -238,5 +302,5 @@ def test_reduced_bias_mode_hyperflow_beats_no_adaptation(reduced_setup, monkeypa
     calls = _count_autodiff_calls(monkeypatch)
     flow = accuracy(lambda x, y: hb.adapt(phi, backbone, x, y, config=config, num_steps=5))
     assert calls == []
-    print("bias mode reduced:", proto.mean(), flow.mean())
+    print(f"bias mode reduced ({support}):", proto.mean(), flow.mean())
     assert (flow - proto).mean() > 0, (proto.mean(), flow.mean())

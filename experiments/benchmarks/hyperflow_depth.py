@@ -5,11 +5,13 @@
 Does a deeper backbone give HyperFlow (Kim, Kim & Hong, arXiv 2504.15323) the
 memory and time advantage its paper reports? GD on the biases backprops through
 every layer and keeps every layer's activations; :mod:`metagrad.hyperflow_bias`'s
-drift runs a forward pass at each Euler step and builds per-unit tokens for
-every layer. For ReLU MLP backbones 40-W-...-W-64 (random weights: costs do not
-depend on training) and one 5-way support set, in one process, this compiles and
-times: no adaptation (prototype head: one forward pass), GD on (biases, head)
-for 100 steps, and HyperFlow with 8 and 2 Euler steps (a drift of the
+*live* drift runs a forward pass at each Euler step and builds per-unit tokens
+for every layer; its *encoded* drift (the paper's design) encodes the support
+set once, layer by layer, and integrates without a pass of the backbone. For
+ReLU MLP backbones 40-W-...-W-64 (random weights: costs do not depend on
+training) and one 5-way support set, in one process, this compiles and times:
+no adaptation (prototype head: one forward pass), GD on (biases, head) for 100
+steps, and both HyperFlow drifts with 8 and 2 Euler steps (drifts of the
 experiment's size, random parameters). Memory is XLA's ``memory_analysis`` of
 each program: "alloc" = temp + output bytes. The table gives GD / HyperFlow
 ratios (> 1: HyperFlow cheaper).
@@ -60,20 +62,23 @@ def main():
         hidden = (args.width,) * depth + (64,)
         backbone = hf.feature_model(hidden).init(jax.random.key(depth), jnp.zeros((1, 40)))["params"]
         layers = hb.num_layers(backbone)
-        config = hb.BiasDriftConfig(head=hf.DriftConfig(ways=args.ways, hidden=64, velocity_scale=1.0), hidden=16,
-                                    bias_scales=(0.1,) * layers, head_scales=(("bias", 0.1), ("kernel", 0.1)))
-        phi = hb.init_drift(jax.random.key(depth + 100), config, layers)
+        configs = {support: hb.BiasDriftConfig(head=hf.DriftConfig(ways=args.ways, hidden=64, velocity_scale=1.0),
+                                               hidden=16, bias_scales=(0.1,) * layers,
+                                               head_scales=(("bias", 0.1), ("kernel", 0.1)), support=support)
+                   for support in hb.SUPPORT_MODES}
+        phis = {support: hb.init_drift(jax.random.key(depth + 100), c, layers) for support, c in configs.items()}
         methods = {
             "no adaptation": lambda p, sx, sy: hb.init_theta(p["backbone"], sx, jax.nn.one_hot(sy, args.ways), 10.0),
             f"GD {args.gd_steps} steps": lambda p, sx, sy: hb.finetune(p["backbone"], sx, sy, lr_bias=1.0,
                                                                        lr_head=1.0, num_steps=args.gd_steps,
                                                                        ways=args.ways, scale=10.0),
-            "HyperFlow 8 steps": lambda p, sx, sy: hb.adapt(p["phi"], p["backbone"], sx, sy, config=config,
-                                                            num_steps=8),
-            "HyperFlow 2 steps": lambda p, sx, sy: hb.adapt(p["phi"], p["backbone"], sx, sy, config=config,
-                                                            num_steps=2),
         }
-        costs = {name: cost(fn, {"backbone": backbone, "phi": phi} if "HyperFlow" in name else {"backbone": backbone})
+        for support, euler_steps in [(s_, k) for s_ in hb.SUPPORT_MODES for k in (8, 2)]:
+            methods[f"HyperFlow {support} {euler_steps} steps"] = (
+                lambda p, sx, sy, c=configs[support], k=euler_steps: hb.adapt(p["phi"], p["backbone"], sx, sy,
+                                                                              config=c, num_steps=k))
+        costs = {name: cost(fn, {"backbone": backbone, "phi": phis[name.split()[1]]} if "HyperFlow" in name
+                            else {"backbone": backbone})
                  for name, fn in methods.items()}
         gd = costs[f"GD {args.gd_steps} steps"]
         for name, c in costs.items():
