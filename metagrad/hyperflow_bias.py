@@ -312,14 +312,19 @@ def encoded_drift(phi, theta, t, encoding, y_onehot, config: BiasDriftConfig):
     """
     v_head = _head_velocity(phi, theta, t, encoding["feats"], y_onehot, config)
     nl = len(encoding["units"])
-    v_bias = {}
+    v_bias, ready = {}, jnp.asarray(True)
     for i, stats in enumerate(encoding["units"]):
         name = f"Dense_{i}"
         bias = theta["biases"][name]
-        tok = _tokens(stats, bias, _head_kernel_rows(theta, config) if i == nl - 1 else None, t)
+        # Layer i's tokens are built only once layer i - 1's velocity exists (the select is the identity
+        # unless that velocity is not finite, when the update is NaN either way), so that XLA evaluates the
+        # layers one after another and holds one layer's tokens at a time.
+        tok = _tokens(stats, bias, _head_kernel_rows(theta, config) if i == nl - 1 else None,
+                      jnp.where(ready, t, jnp.nan))
         moved = (bias - encoding["biases0"][name]) / config.bias_scales[i]
         v = hf._mlp_apply(phi["units"][i], jnp.concatenate([tok, moved[:, None]], 1))[:, 0]
         v_bias[name] = config.bias_scales[i] * v
+        ready = jnp.all(jnp.isfinite(v))
     return {"biases": v_bias, "head": v_head}
 
 

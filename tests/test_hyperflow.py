@@ -239,18 +239,32 @@ def test_encoded_support_integrates_without_the_backbone_and_streams_its_layers(
         assert backbone_dots and not all(backbone_dots)  # the starting point's forward pass, outside the loop
         assert any(backbone_dots) == expect_in_loop, (support, dots)
 
-    # The encoding's scratch memory does not grow with depth by a layer's activations (what backprop keeps).
-    def encode_temp_bytes(depth, width=64, n=25):
+    # Memory against depth (XLA's scratch bytes, 25 support examples, width 64): the encoding does not grow by a
+    # layer's activations per layer (what backprop keeps), and the whole encoded adaptation grows by less per
+    # layer than GD on the same subset.
+    def temp_bytes(fn, depth, width=64, n=25):
         sizes = (40,) + (width,) * depth
         bb = {f"Dense_{i}": {"kernel": jnp.ones((m, k)) / m, "bias": jnp.zeros(k)}
               for i, (m, k) in enumerate(zip(sizes[:-1], sizes[1:]))}
-        xx, yy = jnp.ones((n, 40)), jax.nn.one_hot(jnp.arange(n) % 3, 3)
-        th = hb.init_theta(bb, xx, yy, 10.0)
-        return jax.jit(lambda b, t, v: hb.encode_support(b, t, v, yy)).lower(bb, th, xx).compile() \
-            .memory_analysis().temp_size_in_bytes
+        return jax.jit(fn).lower(bb, jnp.ones((n, 40)), jnp.arange(n) % 3).compile().memory_analysis() \
+            .temp_size_in_bytes
 
-    growth_per_layer = (encode_temp_bytes(10) - encode_temp_bytes(2)) / 8
-    assert growth_per_layer < 0.5 * 25 * 64 * 4, growth_per_layer
+    def encode(b, xx, yy):
+        y1h_ = jax.nn.one_hot(yy, 3)
+        return hb.encode_support(b, hb.init_theta(b, xx, y1h_, 10.0), xx, y1h_)
+
+    def adapt_encoded(b, xx, yy):
+        depth = len(b)
+        cfg = dataclasses.replace(config, bias_scales=(0.5,) * depth)
+        return hb.adapt(hb.init_drift(jax.random.key(2), cfg, depth), b, xx, yy, config=cfg, num_steps=3)
+
+    def gd(b, xx, yy):
+        return hb.finetune(b, xx, yy, lr_bias=1.0, lr_head=1.0, num_steps=3, ways=3, scale=10.0)
+
+    growth = {name: (temp_bytes(fn, 10) - temp_bytes(fn, 2)) / 8
+              for name, fn in (("encode", encode), ("adapt", adapt_encoded), ("gd", gd))}
+    assert growth["encode"] < 0.5 * 25 * 64 * 4, growth
+    assert growth["adapt"] < 0.75 * growth["gd"], growth
 
 
 @pytest.mark.parametrize("support", ["live", "encoded"])
