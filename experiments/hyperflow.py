@@ -27,8 +27,8 @@ GD's model on the meta-tasks' query inputs) and integrated with a tuned number
 of Euler steps (forward passes only): the *live* drift runs a backbone forward
 pass under the current biases at every Euler step; the *encoded* drift, as in
 the paper, sees the support set only through statistics computed once at the
-start, so integrating it runs no pass of the target model. Throughout, a tie on the tuning episodes goes to
-the setting with fewer steps.
+start, so integrating it runs no pass of the target model. Throughout, a tie
+on the tuning episodes goes to the setting with fewer steps.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def cost_ratios(costs, others, hf_name):
 
 
 def gains(accs, names, finetune_key):
-    """Accuracies with 95% intervals and the gains over no adaptation (``names`` ordered as in :func:`compare_methods`)."""
+    """Accuracies with 95% intervals and gains over no adaptation (``names`` ordered as in :func:`compare_methods`)."""
     base, ft, hfa = accs[names[0]], accs[names[1]], accs[names[3]]
     gain_ft, gain_hf = float(ft.mean() - base.mean()), float(hfa.mean() - base.mean())
     return {

@@ -277,10 +277,11 @@ def encode_support(backbone, theta0, x, y_onehot):
     Two forward passes, each keeping only what it needs: the first gives the
     support features and the head's probabilities at ``theta0``; the second
     recomputes the layers one at a time and reduces each to its per-unit
-    statistics (:func:`_unit_statistics`) before the next. The barrier keeps
-    XLA from merging the two passes into one that holds every layer's
-    activations, so the encoding's memory is that of one layer, not of the
-    whole network (what backprop keeps).
+    statistics (:func:`_unit_statistics`) before the next. The second pass
+    starts from the first one's result, which keeps XLA from merging the two
+    into one pass that holds every layer's activations: the encoding's scratch
+    memory is that of one layer, not of the whole network (what backprop
+    keeps).
     """
     f = features(backbone, theta0["biases"], x)
     logits = hf.head_logits(theta0["head"], f)
@@ -294,8 +295,7 @@ def encode_support(backbone, theta0, x, y_onehot):
         name = f"Dense_{i}"
         z = h @ backbone[name]["kernel"] + theta0["biases"][name]
         h = jax.nn.relu(z)
-        stats = _unit_statistics(z, h, logits, p, y_onehot, counts, own, classwise=i == nl - 1)
-        units.append(stats)
+        units.append(_unit_statistics(z, h, logits, p, y_onehot, counts, own, classwise=i == nl - 1))
     return {"feats": f, "units": units, "biases0": theta0["biases"]}
 
 
