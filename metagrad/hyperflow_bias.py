@@ -108,6 +108,11 @@ def init_theta(backbone, x, y_onehot, scale):
     return {"biases": biases, "head": hf.prototype_head(features(backbone, biases, x), y_onehot, scale)}
 
 
+def log_probs(theta, backbone, x):
+    """Class log-probabilities of the (biases, head) model ``theta`` on inputs ``x``."""
+    return jax.nn.log_softmax(hf.head_logits(theta["head"], features(backbone, theta["biases"], x)), -1)
+
+
 def accuracy(theta, backbone, x, y):
     return hf.accuracy(theta["head"], features(backbone, theta["biases"], x), y)
 
@@ -465,15 +470,12 @@ def refine_on_rollouts(phi, config: BiasDriftConfig, trajectories, backbone, que
         raise ValueError(f"query_x holds {query_x.shape[0]} tasks but the trajectories {x.shape[0]}.")
     ways, rms = config.head.ways, _straight_rms(knots)
 
-    def log_probs(theta, qx):
-        return jax.nn.log_softmax(hf.head_logits(theta["head"], features(backbone, theta["biases"], qx)), -1)
-
     def sample_loss(phi, task, r, s, kind_index):  # s, kind_index: unused (whole rollouts)
         path = jax.tree.map(lambda a: a[task, r], knots)
         field = velocity_field(phi, jax.tree.map(lambda a: a[0], path), backbone, x[task],
                                jax.nn.one_hot(y[task], ways), config)
         return hf.rollout_divergence(
-            field, lambda theta: log_probs(theta, query_x[task]),
+            field, lambda theta: log_probs(theta, backbone, query_x[task]),
             lambda theta, target: _parameter_error(theta, target, rms), path, num_euler, parameter_weight)
 
     return hf.regress_drift(sample_loss, phi, num_tasks=x.shape[0], num_starts=jax.tree.leaves(knots)[0].shape[1],

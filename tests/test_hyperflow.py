@@ -291,15 +291,12 @@ def test_reduced_bias_mode_hyperflow_beats_no_adaptation(reduced_setup, monkeypa
     def kl_to_gd(phi):
         adapted = jax.jit(jax.vmap(lambda x, y: hb.adapt(phi, backbone, x, y, config=config, num_steps=5)))(
             test["support_x"], test["support_y"])
-        log_p = jax.vmap(log_probs)(adapted, test["query_x"])
+        log_p = jax.vmap(hb.log_probs, (0, None, 0))(adapted, backbone, test["query_x"])
         return float(jnp.mean(jnp.sum(jnp.exp(log_p_gd) * (log_p_gd - log_p), -1)))
-
-    def log_probs(theta, x):
-        return jax.nn.log_softmax(hf.head_logits(theta["head"], hb.features(backbone, theta["biases"], x)), -1)
 
     gd = jax.jit(jax.vmap(lambda x, y: hb.finetune(backbone, x, y, lr_bias=1.0, lr_head=3.0, num_steps=50, ways=5,
                                                     scale=10.0)))(test["support_x"], test["support_y"])
-    log_p_gd = jax.vmap(log_probs)(gd, test["query_x"])
+    log_p_gd = jax.vmap(hb.log_probs, (0, None, 0))(gd, backbone, test["query_x"])
     with pytest.raises(ValueError, match="num_euler=3 must divide"):
         hb.refine_on_rollouts(phi, config, traj, backbone, jnp.asarray(meta_tasks["query_x"]), num_euler=3)
     regressed = kl_to_gd(phi)
