@@ -572,23 +572,29 @@ def naive_transfer(source: Trajectory, target_start):
     return jax.tree.map(lambda a, b, c: c + (b - a), source.initial, source.final, target_start)
 
 
-def problem_gradient(problem, *, batch_size: int = 256, seed: int = 0) -> Callable:
+def problem_gradient(problem, *, batch_size: int | None = 256, seed: int = 0) -> Callable:
     """``grad_fn(params, i)``: gradient of ``problem``'s training loss on minibatch ``i`` (jit-compiled).
 
     Minibatch ``i`` is a fixed random draw of ``batch_size`` training examples
     keyed by ``(seed, i)``, so source and target gradients at point ``i`` see
-    the same data. Evaluation mode (no dropout).
+    the same data. ``batch_size=None`` (or at least the training set's size)
+    takes the whole training set at every point: full-batch gradients, the
+    same for every ``i``, which removes minibatch noise from the matching.
+    Evaluation mode (no dropout).
     """
     n = problem.data.num_train
-    batch_size = min(batch_size, n)
     x_all = jnp.asarray(problem.data.x_train)
     y_all = jnp.asarray(problem.data.y_train)
+    full_batch = batch_size is None or batch_size >= n
     key = jax.random.key(seed)
 
     @jax.jit
     def grad_fn(params, i):
-        idx = jax.random.choice(jax.random.fold_in(key, i), n, (batch_size,), replace=False)
-        x, y = x_all[idx], y_all[idx]
+        if full_batch:
+            x, y = x_all, y_all
+        else:
+            idx = jax.random.choice(jax.random.fold_in(key, i), n, (batch_size,), replace=False)
+            x, y = x_all[idx], y_all[idx]
 
         def loss(p):
             return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(problem.logits(p, x), y))

@@ -302,3 +302,26 @@ def test_coordinate_ascent_skipping_solved_permutations_changes_nothing():
         found = tr._coordinate_ascent(spec, start, g1, g2, np.random.default_rng(100 + seed), 100)
         for name in names:
             np.testing.assert_array_equal(found[name], expected[name])
+
+
+def test_problem_gradient_minibatches_and_full_batch():
+    data = tiny_dataset(n_train=32, features=6, classes=3)
+    problem = mg.TrainingProblem(mg.MLP(hidden=(8, 8), num_classes=3), optax.sgd(0.1), data, num_steps=2,
+                                 batch_size=8, lr_schedule=None)
+    params = problem.init_state()["params"]
+
+    def exact(x, y):
+        return jax.grad(lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(problem.logits(p, x), y)))(
+            params)
+
+    def close(a, b):
+        return all(np.allclose(u, v, rtol=1e-5, atol=1e-7) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    full = exact(jnp.asarray(data.x_train), jnp.asarray(data.y_train))
+    for batch_size in (None, 32, 100):  # None, the training set's size or more: the full-batch gradient at every i
+        grad_fn = tr.problem_gradient(problem, batch_size=batch_size)
+        assert close(grad_fn(params, 0), full) and close(grad_fn(params, 5), full)
+    minibatch = tr.problem_gradient(problem, batch_size=8)
+    g0, g0_again, g1 = minibatch(params, 0), minibatch(params, 0), minibatch(params, 1)
+    assert close(g0, g0_again)  # point i always sees the same minibatch ...
+    assert not close(g0, g1) and not close(g0, full)  # ... and a different one from point i + 1
