@@ -107,9 +107,9 @@ def compare_methods(methods, acc, backbone, test, num_timed, *, desc, progress):
     ``methods``: name -> ``(adapt_fn, extra_args)`` in the order no adaptation,
     subset fine-tuning, full fine-tuning, HyperFlow (then any others);
     ``acc(fn, tasks, *extra)`` gives per-episode accuracies. Returns
-    ``(accs, costs, rows, ratios)``: accuracies per source and method, the cost per
-    episode of each method, the table's rows and the cost ratios of the two
-    fine-tuning baselines to HyperFlow.
+    ``(accs, costs, rows)``: accuracies per source and method, the cost per
+    episode of each method and the table's rows (:func:`cost_ratios` compares
+    the costs).
     """
     names = list(methods)
     costs = {name: cost_per_episode(fn, (*extra, backbone), test[next(iter(test))], num_timed)
@@ -122,7 +122,7 @@ def compare_methods(methods, acc, backbone, test, num_timed, *, desc, progress):
             c = costs[name]
             rows.append((source[:1], name, f"{m:.4f} +- {h:.4f}", f"{1e3 * c['seconds_median']:.3f}",
                          f"{c['alloc_bytes'] / 1024:.1f}", f"{c['peak_bytes'] / 1024:.1f}"))
-    return accs, costs, rows, cost_ratios(costs, names[1:3], names[3])
+    return accs, costs, rows
 
 
 def cost_ratios(costs, others, hf_name):
@@ -244,8 +244,8 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress):
         methods[f"HyperFlow[biases+head, {support} support] ({n_euler} Euler steps)"] = (hf_fn(n_euler),
                                                                                          (drifts[support][0],))
     names = list(methods)
-    accs_all, costs, rows, ratios = compare_methods(methods, acc, backbone, test, cfg["timed"],
-                                                    desc="[bias mode] timing", progress=progress)
+    accs_all, costs, rows = compare_methods(methods, acc, backbone, test, cfg["timed"],
+                                            desc="[bias mode] timing", progress=progress)
     ratios = {support: cost_ratios(costs, names[1:3], name) for support, name in zip(picks, names[3:])}
     results = {}
     for source, accs in accs_all.items():
@@ -390,8 +390,9 @@ def main():
     for label in (primary, other):  # the primary HyperFlow (picked on tuning episodes) is names[3]
         methods[f"HyperFlow[{label}] ({pick[label]} Euler steps)"] = (hf_fn(label, pick[label]), (drifts[label][0],))
     names = list(methods)
-    accs_all, costs, rows, ratios = compare_methods(methods, acc_of, backbone, test, cfg["timed"],
-                                                    desc="timing adaptation", progress=progress)
+    accs_all, costs, rows = compare_methods(methods, acc_of, backbone, test, cfg["timed"],
+                                            desc="timing adaptation", progress=progress)
+    ratios = cost_ratios(costs, names[1:3], names[3])
     results = {source: {**gains(accs, names, "gain_finetune_head"),
                         "gain_hyperflow_other_variant": float(accs[names[4]].mean() - accs[names[0]].mean())}
                for source, accs in accs_all.items()}
