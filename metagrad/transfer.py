@@ -52,6 +52,15 @@ from .trajectory import Trajectory
 Path = tuple  # a tuple of dict keys from the root of the parameter pytree to a leaf
 
 
+class NonFiniteGradientError(ValueError, FloatingPointError):
+    """A gradient used for matching holds a NaN or inf (``.point`` is the trajectory point, ``.which`` the run)."""
+
+    def __init__(self, message: str, point: int, which: str):
+        super().__init__(message)
+        self.point = point
+        self.which = which
+
+
 class UnsupportedModelError(ValueError):
     """The permutation symmetry of a model could not be derived; pass a :class:`PermutationSpec`."""
 
@@ -465,9 +474,39 @@ def _stack(trees, length: int | None = None):
     return jax.tree.map(stack, *trees)
 
 
+def _check_like_source(source_start, target_start) -> None:
+    """Raise ``ValueError`` saying what differs when ``target_start`` is not shaped like the source's parameters."""
+    def shapes(tree):
+        return {jax.tree_util.keystr(path): np.shape(leaf)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    src, tgt = shapes(source_start), shapes(target_start)
+    if src.keys() != tgt.keys():
+        missing, extra = sorted(src.keys() - tgt.keys()), sorted(tgt.keys() - src.keys())
+        raise ValueError(f"target_start does not have the source's parameters (missing {missing}, extra {extra}): "
+                         f"the new initialization must come from the same model as the source trajectory.")
+    for key, shape in src.items():
+        if tgt[key] != shape:
+            raise ValueError(f"target_start{key} has shape {tgt[key]} but the source's has {shape}: the new "
+                             f"initialization must come from the same architecture (same widths) as the source.")
+
+
+def _finite_gradient(grad, point: int, which: str, what: str | None = None):
+    """``grad`` unchanged, or :class:`NonFiniteGradientError` naming the point and the first non-finite leaf."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(grad)[0]:
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            cause = f"the {which} run diverged (lower its learning rate)"
+            if what is None:
+                what, cause = f"the {which} gradient at trajectory point {point}", cause + " or grad_fn failed there"
+            raise NonFiniteGradientError(f"{what}: NaN or inf entries in {jax.tree_util.keystr(path)}; {cause}.",
+                                         point, which)
+    return grad
+
+
 def _run_matching(spec, source: Trajectory, target_start, grad_fn, *, recompute: bool, max_iter, seed, progress, desc,
                   normalize=False):
     T = len(source) - 1
+    _check_like_source(source.initial, target_start)
     spec.validate(target_start)
     theta1_0 = source.initial
     perms = identity_permutation(spec)
@@ -476,17 +515,17 @@ def _run_matching(spec, source: Trajectory, target_start, grad_fn, *, recompute:
     history, trajectory = [], [target_start]
     for s in progress_bar(range(1, T + 1), desc=desc, disable=not progress):
         theta1 = source.at(s - 1)
-        source_grads.append(grad_fn(theta1, s - 1))  # source gradients never change: always cached
+        source_grads.append(_finite_gradient(grad_fn(theta1, s - 1), s - 1, "source"))  # never change: cached
         evals += 1
         if recompute:  # GMT: every target point moves with the latest permutation
             target_grads = []
             for i in range(s):
                 theta2 = _transfer(spec, perms, theta1_0, source.at(i), target_start)
-                target_grads.append(grad_fn(theta2, i))
+                target_grads.append(_finite_gradient(grad_fn(theta2, i), i, "target"))
                 evals += 1
         else:  # FGMT: only the newest target point, computed once with pi_{s-1}
             theta2 = _transfer(spec, perms, theta1_0, theta1, target_start)
-            target_grads.append(grad_fn(theta2, s - 1))
+            target_grads.append(_finite_gradient(grad_fn(theta2, s - 1), s - 1, "target"))
             evals += 1
         # zero-padded slots add nothing to the matching objective
         padded = min(T, -(-s // PAD_MULTIPLE) * PAD_MULTIPLE)
@@ -547,17 +586,20 @@ def oracle(spec: PermutationSpec, source: Trajectory, target: Trajectory, grad_f
     """
     if len(source) != len(target):
         raise ValueError(f"source has {len(source)} points but target {len(target)}: record both at the same steps.")
+    _check_like_source(source.initial, target.initial)
     T = len(source) - 1
     if match == "displacements":
         d1 = jax.tree.map(lambda x: x[1:] - x[:1], source.params)
         d2 = jax.tree.map(lambda x: x[1:] - x[:1], target.params)
+        for which, d in (("source", d1), ("target", d2)):
+            _finite_gradient(d, T, which, f"the {which} trajectory's displacements from its first point")
         perms, obj = match_gradients(spec, d1, d2, max_iter=max_iter, seed=seed)
         evals = 0
     elif match == "gradients":
         if grad_fn is None:
             raise ValueError('oracle(match="gradients") needs grad_fn.')
-        g1 = _stack([grad_fn(source.at(i), i) for i in range(T)])
-        g2 = _stack([grad_fn(target.at(i), i) for i in range(T)])
+        g1 = _stack([_finite_gradient(grad_fn(source.at(i), i), i, "source") for i in range(T)])
+        g2 = _stack([_finite_gradient(grad_fn(target.at(i), i), i, "target") for i in range(T)])
         perms, obj = match_gradients(spec, g1, g2, max_iter=max_iter, seed=seed)
         evals = 2 * T
     else:
@@ -569,6 +611,7 @@ def oracle(spec: PermutationSpec, source: Trajectory, target: Trajectory, grad_f
 
 def naive_transfer(source: Trajectory, target_start):
     """``theta2_0 + (theta1_T - theta1_0)`` with no permutation (the baseline of the paper)."""
+    _check_like_source(source.initial, target_start)
     return jax.tree.map(lambda a, b, c: c + (b - a), source.initial, source.final, target_start)
 
 
@@ -582,6 +625,8 @@ def problem_gradient(problem, *, batch_size: int | None = 256, seed: int = 0) ->
     same for every ``i``, which removes minibatch noise from the matching.
     Evaluation mode (no dropout).
     """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of examples or None (full batch), got {batch_size}.")
     n = problem.data.num_train
     x_all = jnp.asarray(problem.data.x_train)
     y_all = jnp.asarray(problem.data.y_train)
@@ -633,7 +678,7 @@ def reestimate_batch_stats(model, variables: dict, x, **apply_kwargs) -> dict:
 
 
 __all__ = [
-    "PermutationSpec", "TransferResult", "UnsupportedModelError", "apply_permutation", "check_spec", "fgmt", "gmt",
+    "NonFiniteGradientError", "PermutationSpec", "TransferResult", "UnsupportedModelError", "apply_permutation", "check_spec", "fgmt", "gmt",
     "identity_permutation", "inverse_permutation", "match_gradients", "naive_transfer", "oracle",
     "permutation_spec", "problem_gradient", "random_permutation", "reestimate_batch_stats", "transfer_params",
 ]

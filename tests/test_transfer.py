@@ -325,3 +325,43 @@ def test_problem_gradient_minibatches_and_full_batch():
     g0, g0_again, g1 = minibatch(params, 0), minibatch(params, 0), minibatch(params, 1)
     assert close(g0, g0_again)  # point i always sees the same minibatch ...
     assert not close(g0, g1) and not close(g0, full)  # ... and a different one from point i + 1
+
+
+def test_bad_inputs_get_errors_that_say_what_to_change():
+    data = tiny_dataset(n_train=32, features=6, classes=3)
+
+    def problem(seed, hidden=(8, 8)):
+        return mg.TrainingProblem(mg.MLP(hidden=hidden, num_classes=3), optax.sgd(0.1), data, num_steps=4,
+                                  batch_size=8, seed=seed, lr_schedule=None)
+
+    source_problem = problem(0)
+    source = record_trajectory(source_problem, {}, [0, 2, 4])
+    spec = tr.permutation_spec(source.initial)
+    grad_fn = tr.problem_gradient(source_problem, batch_size=16)
+    target0 = problem(1).init_state()["params"]
+    with pytest.raises(ValueError, match=r"target_start\['Dense_0'\]\['bias'\] has shape \(16,\) .* same architecture"):
+        tr.fgmt(spec, source, problem(1, (16, 8)).init_state()["params"], grad_fn)
+    with pytest.raises(ValueError, match="missing .*Dense_2"):
+        tr.gmt(spec, source, {k: v for k, v in target0.items() if k != "Dense_2"}, grad_fn)
+    with pytest.raises(ValueError, match="same architecture"):
+        tr.naive_transfer(source, problem(1, (8, 16)).init_state()["params"])
+
+    calls = []
+
+    def nan_on_target(params, i):  # FGMT asks for the source gradient, then the target's, at each point
+        calls.append(i)
+        g = grad_fn(params, i)
+        return jax.tree.map(lambda a: a * jnp.nan, g) if len(calls) == 2 else g
+
+    with pytest.raises(tr.NonFiniteGradientError, match="target gradient at trajectory point 0.*diverged") as err:
+        tr.fgmt(spec, source, target0, nan_on_target)
+    assert (err.value.point, err.value.which) == (0, "target")
+
+    target = record_trajectory(problem(1), {}, [0, 2, 4])
+    diverged = Trajectory.from_list(target.steps, [target.at(0), target.at(1),
+                                                   jax.tree.map(lambda a: a * jnp.inf, target.at(2))])
+    with pytest.raises(tr.NonFiniteGradientError, match="target trajectory's displacements"):
+        tr.oracle(spec, source, diverged)
+    assert tr.oracle(spec, source, target).grad_evals == 0  # the same call with a finite target runs
+    with pytest.raises(ValueError, match="batch_size must be a positive number"):
+        tr.problem_gradient(source_problem, batch_size=0)
