@@ -341,9 +341,41 @@ def velocity_field(phi, theta0, backbone, x, y_onehot, config: BiasDriftConfig):
     return lambda theta, t: drift(phi, theta, t, backbone, x, y_onehot, config)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_steps"))
 def adapt(phi, backbone, support_x, support_y, *, config: BiasDriftConfig, num_steps: int):
-    """HyperFlow adaptation of (biases, head): ``num_steps`` Euler steps of size ``1/num_steps`` (forward only)."""
+    """HyperFlow adaptation of (biases, head): ``num_steps`` Euler steps of size ``1/num_steps`` (forward only).
+
+    ``support_x`` is ``(N, features)``, ``support_y`` ``N`` integer labels in
+    ``0..ways-1``; jit-compiled, and usable under ``jax.vmap``/``jax.jit`` (the
+    shape checks run on tracers too, the label and finiteness checks only on
+    concrete arrays).
+    """
+    _check_support(phi, backbone, support_x, support_y, config)
+    return _adapt(phi, backbone, support_x, support_y, config=config, num_steps=num_steps)
+
+
+def _check_support(phi, backbone, support_x, support_y, config: BiasDriftConfig) -> None:
+    """Raise ``ValueError`` saying what to change when the support set or the drift does not fit the backbone."""
+    layers, features = num_layers(backbone), np.shape(backbone["Dense_0"]["kernel"])[0]
+    if len(phi["units"]) != layers:
+        raise ValueError(f"the drift was built for {len(phi['units'])} hidden layers but the backbone has {layers}: "
+                         f"meta-train it on this backbone (init_drift(key, config, {layers})).")
+    if np.ndim(support_x) != 2 or np.shape(support_x)[1] != features:
+        raise ValueError(f"support_x must be (N, {features}) for this backbone, got shape {np.shape(support_x)}.")
+    if np.ndim(support_y) != 1 or np.shape(support_y)[0] != np.shape(support_x)[0]:
+        raise ValueError(f"support_y must hold one integer label per support input ({np.shape(support_x)[0]}), "
+                         f"got shape {np.shape(support_y)}.")
+    if isinstance(support_y, jax.core.Tracer) or isinstance(support_x, jax.core.Tracer):
+        return
+    labels = np.asarray(support_y)
+    if labels.size and (labels.min() < 0 or labels.max() >= config.head.ways):
+        raise ValueError(f"support_y holds labels {sorted(set(labels.tolist()))}; a {config.head.ways}-way drift "
+                         f"needs labels in 0..{config.head.ways - 1} (relabel the task's classes).")
+    if not np.all(np.isfinite(np.asarray(support_x))):
+        raise ValueError("support_x has NaN or inf entries: adaptation would return non-finite parameters.")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_steps"))
+def _adapt(phi, backbone, support_x, support_y, *, config: BiasDriftConfig, num_steps: int):
     y1h = jax.nn.one_hot(support_y, config.head.ways)
     theta0 = init_theta(backbone, support_x, y1h, config.head.scale)
     field = velocity_field(phi, theta0, backbone, support_x, y1h, config)

@@ -172,6 +172,30 @@ def test_bias_mode_forward_matches_features_and_finetune_moves_biases():
         assert float(jnp.max(jnp.abs(theta["biases"][name] - start["biases"][name]))) > 0
 
 
+def test_bias_mode_adapt_rejects_bad_support_sets_and_a_drift_of_another_depth():
+    from metagrad import hyperflow_bias as hb
+
+    phi, config, backbone = _tiny_bias_model()
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(6, 40)), jnp.float32)
+    y = jnp.asarray([0, 0, 1, 1, 2, 2], jnp.int32)
+    cases = [((x[:, :30], y), "support_x must be \\(N, 40\\)"),
+             ((x, y[:4]), "one integer label per support input \\(6\\)"),
+             ((x, y.at[0].set(3)), "3-way drift needs labels in 0..2"),
+             ((x.at[1, 2].set(jnp.nan), y), "NaN or inf")]
+    for (xx, yy), message in cases:
+        with pytest.raises(ValueError, match=message):
+            hb.adapt(phi, backbone, xx, yy, config=config, num_steps=2)
+    with pytest.raises(ValueError, match=f"built for {len(HIDDEN) + 1} hidden layers"):
+        hb.adapt(hb.init_drift(jax.random.key(0), config, len(HIDDEN) + 1), backbone, x, y, config=config,
+                 num_steps=2)
+    # Under vmap (traced inputs) the shape checks still run; the adaptation itself is unchanged.
+    batched = jax.vmap(lambda xx, yy: hb.adapt(phi, backbone, xx, yy, config=config, num_steps=2))(x[None], y[None])
+    single = hb.adapt(phi, backbone, x, y, config=config, num_steps=2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6), batched, single)
+    with pytest.raises(ValueError, match="support_x must be"):
+        jax.vmap(lambda xx, yy: hb.adapt(phi, backbone, xx, yy, config=config, num_steps=2))(x[None, :, :30], y[None])
+
+
 @pytest.mark.parametrize("support", ["live", "encoded"])
 def test_bias_mode_adapt_calls_no_gradient(monkeypatch, support):
     from metagrad import hyperflow_bias as hb
