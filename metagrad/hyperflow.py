@@ -261,9 +261,7 @@ class HyperFlow:
         if "backbone" not in params:
             raise ValueError("params must be a dict with a 'backbone' entry (and optionally 'head').")
         x, y = support_set
-        if np.ndim(y) != 1 or np.shape(x)[0] != np.shape(y)[0]:
-            raise ValueError(f"support_set must be (x, y) with one integer label per input; got x {np.shape(x)}, "
-                             f"y {np.shape(y)}.")
+        check_support_set(x, y, ways=self.config.ways, features=np.shape(params["backbone"]["Dense_0"]["kernel"])[0])
         if not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
             raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}.")
         if step_size is None:
@@ -272,6 +270,28 @@ class HyperFlow:
                       jnp.asarray(step_size, jnp.float32), hidden=tuple(self.hidden), config=self.config,
                       num_steps=int(num_steps))
         return {**params, "head": head}
+
+
+def check_support_set(x, y, *, ways: int, features: int) -> None:
+    """Raise ``ValueError`` saying what to change when ``(x, y)`` is not a ``ways``-way support set for the backbone.
+
+    ``x`` must be ``(N, features)`` and ``y`` hold ``N`` integer labels. The
+    shape checks also run on tracers (under ``jax.vmap``/``jax.jit``); the
+    label range and finiteness checks only on concrete arrays.
+    """
+    if np.ndim(x) != 2 or np.shape(x)[1] != features:
+        raise ValueError(f"support_set: x must be (N, {features}) for this backbone, got shape {np.shape(x)}.")
+    if np.ndim(y) != 1 or np.shape(y)[0] != np.shape(x)[0]:
+        raise ValueError(f"support_set: y must hold one integer label per input ({np.shape(x)[0]}), got shape "
+                         f"{np.shape(y)}.")
+    if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer):
+        return
+    labels = np.asarray(y)
+    if labels.size and (labels.min() < 0 or labels.max() >= ways):
+        raise ValueError(f"support_set: y holds labels {sorted(set(labels.tolist()))}; a {ways}-way drift needs "
+                         f"labels in 0..{ways - 1} (relabel the task's classes).")
+    if not np.all(np.isfinite(np.asarray(x))):
+        raise ValueError("support_set: x has NaN or inf entries; adaptation would return non-finite parameters.")
 
 
 # ----------------------------------------------------------------------------- tasks

@@ -359,19 +359,7 @@ def _check_support(phi, backbone, support_x, support_y, config: BiasDriftConfig)
     if len(phi["units"]) != layers:
         raise ValueError(f"the drift was built for {len(phi['units'])} hidden layers but the backbone has {layers}: "
                          f"meta-train it on this backbone (init_drift(key, config, {layers})).")
-    if np.ndim(support_x) != 2 or np.shape(support_x)[1] != features:
-        raise ValueError(f"support_x must be (N, {features}) for this backbone, got shape {np.shape(support_x)}.")
-    if np.ndim(support_y) != 1 or np.shape(support_y)[0] != np.shape(support_x)[0]:
-        raise ValueError(f"support_y must hold one integer label per support input ({np.shape(support_x)[0]}), "
-                         f"got shape {np.shape(support_y)}.")
-    if isinstance(support_y, jax.core.Tracer) or isinstance(support_x, jax.core.Tracer):
-        return
-    labels = np.asarray(support_y)
-    if labels.size and (labels.min() < 0 or labels.max() >= config.head.ways):
-        raise ValueError(f"support_y holds labels {sorted(set(labels.tolist()))}; a {config.head.ways}-way drift "
-                         f"needs labels in 0..{config.head.ways - 1} (relabel the task's classes).")
-    if not np.all(np.isfinite(np.asarray(support_x))):
-        raise ValueError("support_x has NaN or inf entries: adaptation would return non-finite parameters.")
+    hf.check_support_set(support_x, support_y, ways=config.head.ways, features=features)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps"))

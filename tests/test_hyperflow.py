@@ -105,6 +105,12 @@ def test_adapt_explicit_head_and_errors():
         model.adapt({"head": head0}, (x, y))
     with pytest.raises(ValueError, match="one integer label per input"):
         model.adapt({"backbone": backbone}, (x, y[:3]))
+    with pytest.raises(ValueError, match="x must be \\(N, 40\\)"):
+        model.adapt({"backbone": backbone}, (x[:, :30], y))
+    with pytest.raises(ValueError, match="3-way drift needs labels in 0..2"):
+        model.adapt({"backbone": backbone}, (x, y + 2))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.adapt({"backbone": backbone}, (np.full_like(x, np.inf), y))
     with pytest.raises(ValueError, match="cannot make 5-way"):
         hf.sample_tasks(x, y, [0, 1, 2], 1, ways=5)
 
@@ -178,8 +184,8 @@ def test_bias_mode_adapt_rejects_bad_support_sets_and_a_drift_of_another_depth()
     phi, config, backbone = _tiny_bias_model()
     x = jnp.asarray(np.random.default_rng(5).normal(size=(6, 40)), jnp.float32)
     y = jnp.asarray([0, 0, 1, 1, 2, 2], jnp.int32)
-    cases = [((x[:, :30], y), "support_x must be \\(N, 40\\)"),
-             ((x, y[:4]), "one integer label per support input \\(6\\)"),
+    cases = [((x[:, :30], y), "x must be \\(N, 40\\)"),
+             ((x, y[:4]), "one integer label per input \\(6\\)"),
              ((x, y.at[0].set(3)), "3-way drift needs labels in 0..2"),
              ((x.at[1, 2].set(jnp.nan), y), "NaN or inf")]
     for (xx, yy), message in cases:
@@ -192,7 +198,7 @@ def test_bias_mode_adapt_rejects_bad_support_sets_and_a_drift_of_another_depth()
     batched = jax.vmap(lambda xx, yy: hb.adapt(phi, backbone, xx, yy, config=config, num_steps=2))(x[None], y[None])
     single = hb.adapt(phi, backbone, x, y, config=config, num_steps=2)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6), batched, single)
-    with pytest.raises(ValueError, match="support_x must be"):
+    with pytest.raises(ValueError, match="x must be"):
         jax.vmap(lambda xx, yy: hb.adapt(phi, backbone, xx, yy, config=config, num_steps=2))(x[None, :, :30], y[None])
 
 
