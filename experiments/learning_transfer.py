@@ -40,7 +40,8 @@ from metagrad.trajectory import record_trajectory
 # initialization (naive transfer then stays near chance); chosen on validation accuracy, see BUILD_NOTES.md.
 # Gradients for the matching are full-batch (grad_batch None: the whole 4,000-example training set at every point).
 FULL = {"hidden": (128, 128), "optimizer": "sgd", "lr": 0.05, "steps": 1000, "points": 40, "grad_batch": None,
-        "seeds": (1, 2, 3, 4, 5), "base_seeds": (1, 2, 3, 4, 5), "pretrain_optimizer": "sgdm", "pretrain_lr": 0.1, "pretrain_steps": 1000,
+        "seeds": (1, 2, 3, 4, 5), "base_seeds": (1, 2, 3, 4, 5), "pretrain_optimizer": "sgdm", "pretrain_lr": 0.1,
+        "pretrain_steps": 1000,
         "finetune_optimizer": "sgdm", "finetune_lr": 0.01, "finetune_steps": 500, "finetune_points": 20,
         "eval_every": 25, "budget": 2}
 CONFIG = {

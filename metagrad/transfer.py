@@ -53,7 +53,10 @@ Path = tuple  # a tuple of dict keys from the root of the parameter pytree to a 
 
 
 class NonFiniteGradientError(ValueError, FloatingPointError):
-    """A gradient used for matching holds a NaN or inf (``.point`` is the trajectory point, ``.which`` the run)."""
+    """A gradient (or, for the oracle, a displacement) used for matching holds a NaN or inf.
+
+    ``.point`` is the trajectory point, ``.which`` the run (``"source"`` or ``"target"``).
+    """
 
     def __init__(self, message: str, point: int, which: str):
         super().__init__(message)
@@ -678,7 +681,7 @@ def reestimate_batch_stats(model, variables: dict, x, **apply_kwargs) -> dict:
 
 
 __all__ = [
-    "NonFiniteGradientError", "PermutationSpec", "TransferResult", "UnsupportedModelError", "apply_permutation", "check_spec", "fgmt", "gmt",
-    "identity_permutation", "inverse_permutation", "match_gradients", "naive_transfer", "oracle",
-    "permutation_spec", "problem_gradient", "random_permutation", "reestimate_batch_stats", "transfer_params",
+    "NonFiniteGradientError", "PermutationSpec", "TransferResult", "UnsupportedModelError", "apply_permutation",
+    "check_spec", "fgmt", "gmt", "identity_permutation", "inverse_permutation", "match_gradients", "naive_transfer",
+    "oracle", "permutation_spec", "problem_gradient", "random_permutation", "reestimate_batch_stats", "transfer_params",
 ]
