@@ -1,7 +1,12 @@
 """Learning transfer (Chijiwa, ICLR 2024) on MNIST-1D: move a training trajectory onto a new initialization.
 
-    python experiments/learning_transfer.py [--quick | --config momentum] [--grad-batch N]
+    python experiments/learning_transfer.py [--quick | --config momentum] [--grad-batch N] [--fresh]
         [--out experiments/results/learning_transfer]
+
+Every finished target seed / base is saved at once under ``--out``
+(``finished_seeds.json``, removed when the run completes), so a killed run
+started again with the same settings resumes there (``--fresh`` starts over);
+the reported ``seconds`` are those of the last run.
 
 The default setting trains experiment 1 with plain SGD at LR 0.05 (T = 40
 trajectory points); ``--config momentum`` is the earlier momentum-SGD LR 0.1
@@ -33,7 +38,7 @@ import metagrad as mg
 import replay
 from metagrad import transfer as tr
 from metagrad.progress import progress_bar
-from metagrad.report import format_table, mean_std, pyplot, write_json
+from metagrad.report import FinishedParts, format_table, mean_std, pyplot, write_json
 from metagrad.trajectory import record_trajectory
 
 # Experiment 1 trains with plain SGD at LR 0.05 so that the learned displacement does not swamp the
@@ -111,7 +116,7 @@ def transfer_all(spec, source, target_start, grad_fn, target_traj=None):
     return out, cost
 
 
-def experiment_same_task(cfg, data, progress):
+def experiment_same_task(cfg, data, progress, finished):
     points = [int(s) for s in np.linspace(0, cfg["steps"], cfg["points"] + 1)]
     source_problem = make_problem(cfg, data, 0, cfg["steps"], cfg["lr"])
     accuracy = accuracy_fn(source_problem)
@@ -122,11 +127,14 @@ def experiment_same_task(cfg, data, progress):
     budget = cfg["budget"] * cfg["steps"]
     per_seed = []
     for seed in progress_bar(cfg["seeds"], desc="exp 1: target inits", disable=not progress):
-        target_problem = make_problem(cfg, data, seed, cfg["steps"], cfg["lr"])
-        target_traj = record_trajectory(target_problem, {}, points)
-        starts, cost = transfer_all(spec, source, target_traj.initial, grad_fn, target_traj)
-        per_seed.append({"seed": seed, "cost": cost, **evaluate_starts(target_problem, starts, START_POINTS, budget,
-                                                                        cfg["eval_every"], accuracy, source_acc)})
+        key = f"experiment_1/seed_{seed}"
+        if finished.get(key) is None:  # not finished by an earlier run with these settings
+            target_problem = make_problem(cfg, data, seed, cfg["steps"], cfg["lr"])
+            target_traj = record_trajectory(target_problem, {}, points)
+            starts, cost = transfer_all(spec, source, target_traj.initial, grad_fn, target_traj)
+            finished.put(key, {"seed": seed, "cost": cost, **evaluate_starts(
+                target_problem, starts, START_POINTS, budget, cfg["eval_every"], accuracy, source_acc)})
+        per_seed.append(finished.get(key))
     return {"source_accuracy": source_acc, "target_accuracy": source_acc, "budget_steps": budget,
             "trajectory_steps": points, "per_seed": per_seed}
 
@@ -139,7 +147,7 @@ def second_task(seed=1):
                       relabel[data.y_test], num_classes=10, name="mnist1d-shifted-relabeled")
 
 
-def experiment_base_update(cfg, data, progress):
+def experiment_base_update(cfg, data, progress, finished):
     """Base A (seed 0) fine-tuned on task 2 is the source; each base B (``cfg["base_seeds"]``) receives its trajectory."""
     task2 = second_task()
 
@@ -159,11 +167,14 @@ def experiment_base_update(cfg, data, progress):
     grad_fn = tr.problem_gradient(problem, batch_size=cfg["grad_batch"])
     per_seed = []
     for seed in progress_bar(cfg["base_seeds"], desc="exp 2: bases B", disable=not progress):
-        base_b = pretrain(seed)
-        starts, cost = transfer_all(spec, source, base_b, grad_fn)
-        per_seed.append({"seed": seed, "base_accuracy_task1": accuracy_task1(base_b), "cost": cost,
-                         **evaluate_starts(problem, starts, START_POINTS2, cfg["budget"] * ft, cfg["eval_every"],
-                                           accuracy, source_acc)})
+        key = f"experiment_2/base_{seed}"
+        if finished.get(key) is None:
+            base_b = pretrain(seed)
+            starts, cost = transfer_all(spec, source, base_b, grad_fn)
+            finished.put(key, {"seed": seed, "base_accuracy_task1": accuracy_task1(base_b), "cost": cost,
+                               **evaluate_starts(problem, starts, START_POINTS2, cfg["budget"] * ft,
+                                                 cfg["eval_every"], accuracy, source_acc)})
+        per_seed.append(finished.get(key))
     return {"base_A_accuracy_task1": accuracy_task1(base_a), "source_accuracy": source_acc,
             "budget_steps": cfg["budget"] * ft, "per_seed": per_seed}
 
@@ -192,6 +203,8 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "learning_transfer"))
     parser.add_argument("--grad-batch", type=int, default=None,
                         help="examples per matching gradient (default: the config's; full uses the whole training set)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard the seeds an earlier, unfinished run in --out left (it resumes by default)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -202,10 +215,15 @@ def main():
             parser.error(f"--grad-batch must be a positive number of examples, got {args.grad_batch}")
         cfg = {**cfg, "grad_batch": args.grad_batch}
     progress = not args.no_progress
+    # Each finished seed is saved under --out at once, so a killed run resumes where it stopped.
+    finished = FinishedParts(os.path.join(args.out, "finished_seeds.json"), {**cfg, "config_name": args.config},
+                             fresh=args.fresh)
+    if finished.parts:
+        print(f"resuming: {len(finished.parts)} seeds finished earlier are read from {finished.path}")
     tic = time.perf_counter()
     data = mg.mnist1d()
-    exp1 = experiment_same_task(cfg, data, progress)
-    exp2 = experiment_base_update(cfg, data, progress)
+    exp1 = experiment_same_task(cfg, data, progress, finished)
+    exp2 = experiment_base_update(cfg, data, progress, finished)
     seconds = time.perf_counter() - tic
 
     # ------------------------------------------------------------------ summary
@@ -227,6 +245,7 @@ def main():
               "experiment_2": exp2, "experiment_2_summary": summary2, "goals": goals}
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "result.json"), report)
+    finished.clear()
 
     rows = []
     labels2 = {"init": "base B (fine-tune B itself)", "naive": "naive", "FGMT": "FGMT", "GMT": "GMT"}

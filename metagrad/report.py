@@ -53,3 +53,52 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+class FinishedParts:
+    """The finished parts of a long experiment, kept in one JSON file so a rerun skips them.
+
+    ``get(key)`` returns a part saved by an earlier (possibly killed) run, or
+    ``None``; ``put(key, value)`` saves one the moment it is done (written to a
+    temporary file, then renamed, so a kill never leaves a torn file);
+    ``clear()`` removes the file once the whole result is written. The
+    ``settings`` (a JSON-able dict of what defines the run) are stored with the
+    parts: a rerun with other settings is refused rather than mixing two runs,
+    and ``fresh=True`` discards what an earlier run left.
+    """
+
+    def __init__(self, path: str, settings: dict, *, fresh: bool = False):
+        self.path = path
+        self.settings = json.loads(json.dumps(_jsonable(settings)))
+        self.parts: dict = {}
+        if fresh and os.path.exists(path):
+            os.remove(path)
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+                saved_settings, parts = saved["settings"], saved["parts"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path} is not a readable record of finished parts ({err}): pass --fresh to start "
+                                 "over, or delete the file.") from err
+            if saved_settings != self.settings:
+                changed = sorted(k for k in set(saved_settings) | set(self.settings)
+                                 if saved_settings.get(k) != self.settings.get(k))
+                raise ValueError(f"{path} holds the finished parts of a run with other settings "
+                                 f"({', '.join(changed)}): pass --fresh to discard them, or choose another --out.")
+            self.parts = parts
+
+    def get(self, key: str):
+        return self.parts.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.parts[key] = json.loads(json.dumps(_jsonable(value)))
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"settings": self.settings, "parts": self.parts}, f)
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        if os.path.exists(self.path):
+            os.remove(self.path)
