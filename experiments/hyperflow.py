@@ -1,6 +1,6 @@
 """HyperFlow vs fine-tuning on few-shot MNIST-1D tasks (5-way 5-shot).
 
-    python experiments/hyperflow.py [--quick] [--out experiments/results/hyperflow]
+    python experiments/hyperflow.py [--quick] [--fresh] [--out experiments/results/hyperflow]
 
 Kim, Kim & Hong, arXiv 2504.15323. An MLP backbone is pretrained on MNIST-1D
 classes 0-4; the drift network is meta-trained on 5-way tasks over held-out
@@ -29,11 +29,17 @@ pass under the current biases at every Euler step; the *encoded* drift, as in
 the paper, sees the support set only through statistics computed once at the
 start, so integrating it runs no pass of the target model. Throughout, a tie
 on the tuning episodes goes to the setting with fewer steps.
+
+Each meta-trained bias-mode drift (minutes each) is saved at once under
+``--out`` (``finished_drifts.json``, removed when the run completes), so a
+killed run started again with the same settings resumes after it (``--fresh``
+starts over).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import time
@@ -47,7 +53,7 @@ import metagrad as mg
 from metagrad import hyperflow as hf
 from metagrad import hyperflow_bias as hb
 from metagrad.progress import progress_bar
-from metagrad.report import format_table, pyplot, write_json
+from metagrad.report import FinishedParts, format_table, pyplot, write_json
 
 WAYS, SHOTS, QUERIES = 5, 5, 15
 # bias mode: GD fine-tuning (steps, head LR, bias LR) grid, tuned on the tuning episodes
@@ -145,7 +151,46 @@ def gains(accs, names, finetune_key):
     }
 
 
-def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress):
+def save_drift(phi, dcfg, record, meta_training) -> dict:
+    """A meta-trained bias-mode drift as JSON: its parameters' leaves (float32 values are exact in JSON), the
+    fields :func:`hb.meta_train` set on the config, and its meta-training record (``record`` from
+    :func:`meta_train_bias_drift`, merged into ``meta_training``, with the total seconds)."""
+    meta_training = {"seconds": meta_training["simulation_seconds"] + record["fit_seconds"], **meta_training,
+                     **{k: v for k, v in record.items() if k != "fit_seconds"}}
+    return {"leaves": [np.asarray(a).tolist() for a in jax.tree.leaves(phi)],
+            "velocity_scale": dcfg.head.velocity_scale, "bias_scales": list(dcfg.bias_scales),
+            "head_scales": [list(kv) for kv in dcfg.head_scales], "meta_training": meta_training}
+
+
+def load_drift(saved, dcfg0, layers):
+    """The inverse of :func:`save_drift` for a drift built from ``dcfg0`` for a ``layers``-layer backbone."""
+    structure = jax.tree.structure(hb.init_drift(jax.random.key(0), dcfg0, layers))
+    phi = jax.tree.unflatten(structure, [jnp.asarray(np.asarray(v, np.float32)) for v in saved["leaves"]])
+    dcfg = dataclasses.replace(dcfg0, head=dataclasses.replace(dcfg0.head, velocity_scale=saved["velocity_scale"]),
+                               bias_scales=tuple(saved["bias_scales"]),
+                               head_scales=tuple((k, v) for k, v in saved["head_scales"]))
+    return phi, dcfg, saved["meta_training"]
+
+
+def meta_train_bias_drift(cfg, traj, backbone, dcfg0, query_x, progress):
+    """Velocity regression, then rollout refinement, of one bias-mode drift; returns ``(phi, config, record)``."""
+    tic = time.perf_counter()
+    phi, dcfg, history = hb.meta_train(traj, backbone, dcfg0, num_iters=cfg["bias_meta_iters"], batch_tasks=32,
+                                       learning_rate=3e-3, progress=progress)
+    regressed_fit = hb.per_leaf_fit(phi, dcfg, traj, backbone)
+    phi, rollout_history = hb.refine_on_rollouts(phi, dcfg, traj, backbone, jnp.asarray(query_x),
+                                                 num_euler=cfg["bias_rollout_euler"],
+                                                 num_iters=cfg["bias_rollout_iters"], progress=progress)
+    jax.block_until_ready(phi)
+    return phi, dcfg, {
+        "fit_seconds": time.perf_counter() - tic, "drift_parameters": int(sum(a.size for a in jax.tree.leaves(phi))),
+        "loss_history": history, "per_leaf_relative_error_after_regression": regressed_fit,
+        "per_leaf_relative_error": hb.per_leaf_fit(phi, dcfg, traj, backbone),
+        "rollout_refinement": {"euler_steps": cfg["bias_rollout_euler"], "iterations": cfg["bias_rollout_iters"],
+                               "loss_history": rollout_history}}
+
+
+def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
     """The paper's PEFT subset: all biases of a wider MLP backbone plus the head (:mod:`metagrad.hyperflow_bias`).
 
     Every method starts from the pretrained biases and the prototype head. Baselines: GD fine-tuning of the
@@ -202,27 +247,21 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress):
     sim_seconds = time.perf_counter() - tic
     drifts, out["meta_training"], out["tuning_hyperflow"], picks = {}, {}, {}, {}
     for support in hb.SUPPORT_MODES:
-        tic = time.perf_counter()
         dcfg0 = hb.BiasDriftConfig(head=hf.DriftConfig(ways=WAYS, hidden=64, scale=scale),
                                    hidden=cfg["bias_drift_hidden"], support=support)
-        phi, dcfg, history = hb.meta_train(traj, backbone, dcfg0, num_iters=cfg["bias_meta_iters"], batch_tasks=32,
-                                           learning_rate=3e-3, progress=progress)
-        regressed_fit = hb.per_leaf_fit(phi, dcfg, traj, backbone)
-        phi, rollout_history = hb.refine_on_rollouts(phi, dcfg, traj, backbone, jnp.asarray(mt["query_x"]),
-                                                     num_euler=cfg["bias_rollout_euler"],
-                                                     num_iters=cfg["bias_rollout_iters"], progress=progress)
-        jax.block_until_ready(phi)
-        fit_seconds = time.perf_counter() - tic
+        key = f"bias_mode/drift_{support}"
+        if finished.get(key) is None:
+            phi, dcfg, record = meta_train_bias_drift(cfg, traj, backbone, dcfg0, mt["query_x"], progress)
+            finished.put(key, save_drift(phi, dcfg, record, {
+                "simulation_seconds": sim_seconds, "tasks": len(mt["support_x"]), "starts": cfg["bias_starts"],
+                "knots": 10, "iterations": cfg["bias_meta_iters"], "interpolations": ("linear",),
+                "emulated_run": {"steps": steps, "lr_head": lr_head, "lr_bias": lr_bias}}))
+        else:
+            print(f"[bias mode] {support}-support drift read from {finished.path} (meta-trained by an earlier run)")
+        # From here on the drift is the saved one, in a fresh run too (its float32 values survive JSON exactly).
+        phi, dcfg, out["meta_training"][support] = load_drift(finished.get(key), dcfg0, hb.num_layers(backbone))
         drifts[support] = (phi, dcfg)
-        out["meta_training"][support] = {
-            "seconds": sim_seconds + fit_seconds, "simulation_seconds": sim_seconds, "tasks": len(mt["support_x"]),
-            "starts": cfg["bias_starts"], "knots": 10, "iterations": cfg["bias_meta_iters"],
-            "interpolations": ("linear",), "drift_parameters": int(sum(a.size for a in jax.tree.leaves(phi))),
-            "loss_history": history, "per_leaf_relative_error_after_regression": regressed_fit,
-            "per_leaf_relative_error": hb.per_leaf_fit(phi, dcfg, traj, backbone),
-            "rollout_refinement": {"euler_steps": cfg["bias_rollout_euler"], "iterations": cfg["bias_rollout_iters"],
-                                   "loss_history": rollout_history},
-            "emulated_run": {"steps": steps, "lr_head": lr_head, "lr_bias": lr_bias}}
+        fit_seconds = out["meta_training"][support]["seconds"] - sim_seconds
 
         def hf_fn(n, dcfg=dcfg):
             return lambda p, bb, sx, sy: hb.adapt(p, bb, sx, sy, config=dcfg, num_steps=n)
@@ -273,6 +312,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced size (about a minute)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "hyperflow"))
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard the drifts an earlier, unfinished run in --out left (it resumes by default)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     quick, progress = args.quick, not args.no_progress
@@ -287,6 +328,8 @@ def main():
                    full_steps=(10, 30), euler_steps=(2, 4), bias_settings=((100, 10.0, 3.0), (30, 10.0, 3.0)),
                    bias_meta_tasks=256, bias_meta_iters=300, bias_rollout_iters=200)
     hidden, scale = (128, 64), 10.0
+    # Each meta-trained bias-mode drift (minutes each) is saved under --out at once, so a killed run resumes there.
+    finished = FinishedParts(os.path.join(args.out, "finished_drifts.json"), {**cfg, "quick": quick}, fresh=args.fresh)
     report = {"config": {**cfg, "hidden": hidden, "scale": scale, "ways": WAYS, "shots": SHOTS, "queries": QUERIES,
                          "base_classes": BASE, "novel_classes": NOVEL}, "device": str(jax.devices()[0])}
     t_start = time.perf_counter()
@@ -403,7 +446,7 @@ def main():
         "10x_faster_than_full_finetuning": ratios[names[2]]["time"] >= 10,
         "10x_less_alloc_memory_than_full_finetuning": ratios[names[2]]["alloc_memory"] >= 10,
     }
-    bias = bias_mode(cfg, data_a, test, tuning, meta_tasks, progress)
+    bias = bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished)
     report["bias_mode"] = {k: v for k, v in bias.items() if k != "rows"}
     report.update(results=results, costs=costs, ratios_vs_hyperflow=ratios, goals=goals,
                   total_seconds=time.perf_counter() - t_start,
@@ -411,6 +454,7 @@ def main():
                                 "alloc = temp + output bytes, peak = alloc + argument bytes")
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "result.json"), report)
+    finished.clear()
 
     # ---- plot
     plt = pyplot()
