@@ -252,9 +252,9 @@ def _head_velocity(phi, theta, t, feats, y_onehot, config):
     return {k: v * dict(config.head_scales)[k] for k, v in v_head.items()}
 
 
-def _confidence(head, feats, y_onehot):
-    """Support-set probabilities of the head and each class's mean confidence in itself."""
-    p = jax.nn.softmax(hf.head_logits(head, feats), -1)
+def _confidence(logits, y_onehot):
+    """Support-set probabilities of the head (from its ``logits``) and each class's mean confidence in itself."""
+    p = jax.nn.softmax(logits, -1)
     counts = jnp.maximum(y_onehot.sum(0), 1.0)
     return p, counts, jnp.sum(p * y_onehot, 0) / counts
 
@@ -264,7 +264,7 @@ def drift(phi, theta, t, backbone, x, y_onehot, config: BiasDriftConfig):
     zs, hs, f = forward(backbone, theta["biases"], x)
     v_head = _head_velocity(phi, theta, t, f, y_onehot, config)
     logits = hf.head_logits(theta["head"], f)
-    p, counts, own = _confidence(theta["head"], f, y_onehot)
+    p, counts, own = _confidence(logits, y_onehot)
     nl = len(zs)
     v_bias = {}
     for i, (z, h) in enumerate(zip(zs, hs)):
@@ -290,7 +290,7 @@ def encode_support(backbone, theta0, x, y_onehot):
     """
     f = features(backbone, theta0["biases"], x)
     logits = hf.head_logits(theta0["head"], f)
-    p, counts, own = _confidence(theta0["head"], f, y_onehot)
+    p, counts, own = _confidence(logits, y_onehot)
     # The second pass reads x through the first pass's result, so that it can neither be merged with the
     # first pass nor run ahead of it (XLA on CPU drops optimization barriers); the select is the identity
     # unless the head's probabilities are not finite, when the encoding is NaN either way.

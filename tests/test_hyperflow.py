@@ -251,8 +251,8 @@ def test_encoded_support_integrates_without_the_backbone_and_streams_its_layers(
     theta0 = hb.init_theta(backbone, x, y1h, config.head.scale)
     encoding = hb.encode_support(backbone, theta0, x, y1h)
     zs, hs, f = hb.forward(backbone, theta0["biases"], x)
-    p, counts, own = hb._confidence(theta0["head"], f, y1h)
     logits = hf.head_logits(theta0["head"], f)
+    p, counts, own = hb._confidence(logits, y1h)
     np.testing.assert_allclose(encoding["feats"], f, atol=1e-6)
     for i, (z, h) in enumerate(zip(zs, hs)):
         live = hb._unit_statistics(z, h, logits, p, y1h, counts, own, classwise=i == len(zs) - 1)
