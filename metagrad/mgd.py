@@ -22,6 +22,7 @@ from replay.errors import NonFiniteMetagradError
 from replay.trees import nonfinite_paths
 
 from .progress import progress_bar
+from .report import changed_settings
 
 logger = logging.getLogger("metagrad")
 
@@ -116,7 +117,7 @@ def checkpoint_folder(out_dir: str, *, fresh: bool = False, settings: dict | Non
                 saved = json.load(f)
         has_checkpoints = os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
         if saved is not None and saved != settings and has_checkpoints:
-            changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+            changed = changed_settings(saved, settings)
             raise ValueError(f"{folder} holds the checkpoints of a run with other settings ({', '.join(changed)}): "
                              "pass --fresh to discard them, or choose another --out.")
         if saved != settings:

@@ -55,6 +55,11 @@ def pyplot():
     return plt
 
 
+def changed_settings(saved: dict, settings: dict) -> list:
+    """The keys whose values differ between two settings dicts (either side may lack a key), sorted."""
+    return sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+
+
 class FinishedParts:
     """The finished parts of a long experiment, kept in one JSON file so a rerun skips them.
 
@@ -82,8 +87,7 @@ class FinishedParts:
                 raise ValueError(f"{path} is not a readable record of finished parts ({err}): pass --fresh to start "
                                  "over, or delete the file.") from err
             if saved_settings != self.settings:
-                changed = sorted(k for k in set(saved_settings) | set(self.settings)
-                                 if saved_settings.get(k) != self.settings.get(k))
+                changed = changed_settings(saved_settings, self.settings)
                 raise ValueError(f"{path} holds the finished parts of a run with other settings "
                                  f"({', '.join(changed)}): pass --fresh to discard them, or choose another --out.")
             self.parts = parts
