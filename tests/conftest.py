@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
+
+# The problems are tiny: on a GPU, keep each pytest worker (`pytest -n 2`) from preallocating most of its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
