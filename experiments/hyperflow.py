@@ -32,8 +32,8 @@ on the tuning episodes goes to the setting with fewer steps.
 
 Each meta-trained bias-mode drift (minutes each) is saved at once under
 ``--out`` (``finished_drifts.json``, removed when the run completes), so a
-killed run started again with the same settings resumes after it (``--fresh``
-starts over).
+killed run started again with the same settings and the same metagrad/replay
+source resumes after it (``--fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -328,7 +328,11 @@ def main():
                    bias_meta_tasks=256, bias_meta_iters=300, bias_rollout_iters=200)
     hidden, scale = (128, 64), 10.0
     # Each meta-trained bias-mode drift (minutes each) is saved under --out at once, so a killed run resumes there.
-    finished = FinishedParts(os.path.join(args.out, "finished_drifts.json"), {**cfg, "quick": quick}, fresh=args.fresh)
+    try:
+        finished = FinishedParts(os.path.join(args.out, "finished_drifts.json"), {**cfg, "quick": quick},
+                                 fresh=args.fresh)
+    except ValueError as err:  # a record left by another run: say what to pass, without a traceback
+        parser.error(str(err))
     report = {"config": {**cfg, "hidden": hidden, "scale": scale, "ways": WAYS, "shots": SHOTS, "queries": QUERIES,
                          "base_classes": BASE, "novel_classes": NOVEL}, "device": str(jax.devices()[0])}
     t_start = time.perf_counter()

@@ -5,7 +5,8 @@
 
 Every finished target seed / base is saved at once under ``--out``
 (``finished_seeds.json``, removed when the run completes), so a killed run
-started again with the same settings resumes there (``--fresh`` starts over);
+started again with the same settings and the same metagrad/replay source
+resumes there (``--fresh`` starts over);
 the reported ``seconds`` are those of the last run.
 
 The default setting trains experiment 1 with plain SGD at LR 0.05 (T = 40
@@ -216,8 +217,11 @@ def main():
         cfg = {**cfg, "grad_batch": args.grad_batch}
     progress = not args.no_progress
     # Each finished seed is saved under --out at once, so a killed run resumes where it stopped.
-    finished = FinishedParts(os.path.join(args.out, "finished_seeds.json"), {**cfg, "config_name": args.config},
-                             fresh=args.fresh)
+    try:
+        finished = FinishedParts(os.path.join(args.out, "finished_seeds.json"), {**cfg, "config_name": args.config},
+                                 fresh=args.fresh)
+    except ValueError as err:  # a record left by another run: say what to pass, without a traceback
+        parser.error(str(err))
     if finished.parts:
         print(f"resuming: {len(finished.parts)} seeds finished earlier are read from {finished.path}")
     tic = time.perf_counter()

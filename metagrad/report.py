@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -60,6 +61,30 @@ def changed_settings(saved: dict, settings: dict) -> list:
     return sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
 
 
+def source_fingerprint(*packages) -> str:
+    """A short SHA-256 of the Python source of ``packages`` (imported packages or modules; a package counts every
+    ``.py`` file under its folder, in sorted order), which tells results computed by other code apart."""
+    digest = hashlib.sha256()
+    for package in packages:
+        root = os.path.dirname(package.__file__)
+        files = ([package.__file__] if not package.__file__.endswith("__init__.py") else
+                 sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".py")))
+        for path in files:
+            digest.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def library_source_fingerprint() -> str:
+    """:func:`source_fingerprint` of the ``metagrad`` and ``replay`` packages."""
+    import replay
+
+    import metagrad
+
+    return source_fingerprint(metagrad, replay)
+
+
 class FinishedParts:
     """The finished parts of a long experiment, kept in one JSON file so a rerun skips them.
 
@@ -68,13 +93,17 @@ class FinishedParts:
     temporary file, then renamed, so a kill never leaves a torn file);
     ``clear()`` removes the file once the whole result is written. The
     ``settings`` (a JSON-able dict of what defines the run) are stored with the
-    parts: a rerun with other settings is refused rather than mixing two runs,
-    and ``fresh=True`` discards what an earlier run left.
+    parts, together with a fingerprint of the ``metagrad`` and ``replay``
+    source (``"library_source"``; the experiment script itself is not part of
+    it, so a run that failed after its long parts can be fixed and resumed): a
+    rerun with other settings or library code is refused rather than mixing
+    two runs, and ``fresh=True`` discards what an earlier run left.
     """
 
     def __init__(self, path: str, settings: dict, *, fresh: bool = False):
         self.path = path
-        self.settings = json.loads(json.dumps(_jsonable(settings)))
+        self.settings = json.loads(json.dumps(_jsonable({**settings,
+                                                          "library_source": library_source_fingerprint()})))
         self.parts: dict = {}
         if fresh and os.path.exists(path):
             os.remove(path)
@@ -88,8 +117,10 @@ class FinishedParts:
                                  "over, or delete the file.") from err
             if saved_settings != self.settings:
                 changed = changed_settings(saved_settings, self.settings)
-                raise ValueError(f"{path} holds the finished parts of a run with other settings "
-                                 f"({', '.join(changed)}): pass --fresh to discard them, or choose another --out.")
+                what = ("other metagrad/replay source code" if changed == ["library_source"] else
+                        f"other settings ({', '.join(changed)})")
+                raise ValueError(f"{path} holds the finished parts of a run with {what}: pass --fresh to discard "
+                                 "them, or choose another --out.")
             self.parts = parts
 
     def get(self, key: str):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
 import pytest
 
-from metagrad.report import FinishedParts
+from metagrad.report import FinishedParts, library_source_fingerprint, source_fingerprint
 
 
 def test_finished_parts_survive_a_restart_and_refuse_other_settings(tmp_path):
@@ -38,3 +39,31 @@ def test_finished_parts_survive_a_restart_and_refuse_other_settings(tmp_path):
     done.put("seed_1", 1.0)
     done.clear()
     assert not path.exists()
+
+
+def test_finished_parts_refuse_parts_computed_by_other_library_code(tmp_path):
+    path = tmp_path / "finished.json"
+    FinishedParts(str(path), {"lr": 0.05}).put("seed_1", 0.5)
+    saved = json.loads(path.read_text())
+    assert saved["settings"]["library_source"] == library_source_fingerprint()
+    assert FinishedParts(str(path), {"lr": 0.05}).get("seed_1") == 0.5  # the same code resumes
+    saved["settings"]["library_source"] = "0" * 16  # as if an earlier version of metagrad had computed the part
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other metagrad/replay source code: pass --fresh"):
+        FinishedParts(str(path), {"lr": 0.05})
+    assert FinishedParts(str(path), {"lr": 0.05}, fresh=True).get("seed_1") is None
+
+
+def test_source_fingerprint_follows_every_file_of_a_package(tmp_path, monkeypatch):
+    package = tmp_path / "toypkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("X = 1\n")
+    (package / "sub" / "mod.py").write_text("Y = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    toypkg = importlib.import_module("toypkg")
+    first = source_fingerprint(toypkg)
+    assert source_fingerprint(toypkg) == first and len(first) == 16
+    (package / "sub" / "mod.py").write_text("Y = 3\n")  # a file below the package's folder
+    assert source_fingerprint(toypkg) != first
+    (package / "sub" / "mod.py").write_text("Y = 2\n")
+    assert source_fingerprint(toypkg) == first
