@@ -272,15 +272,17 @@ class HyperFlow:
         return {**params, "head": head}
 
 
-def check_support_set(x, y, *, ways: int, features: int) -> None:
+def check_support_set(x, y, *, ways: int, features: int | None) -> None:
     """Raise ``ValueError`` saying what to change when ``(x, y)`` is not a ``ways``-way support set for the backbone.
 
-    ``x`` must be ``(N, features)`` and ``y`` hold ``N`` integer labels. The
+    ``x`` must be ``(N, features)`` (any length where ``features`` is None: a
+    convolutional backbone) and ``y`` hold ``N`` integer labels. The
     shape checks also run on tracers (under ``jax.vmap``/``jax.jit``); the
     label range and finiteness checks only on concrete arrays.
     """
-    if np.ndim(x) != 2 or np.shape(x)[1] != features:
-        raise ValueError(f"support_set: x must be (N, {features}) for this backbone, got shape {np.shape(x)}.")
+    if np.ndim(x) != 2 or (features is not None and np.shape(x)[1] != features):
+        want = "length" if features is None else features
+        raise ValueError(f"support_set: x must be (N, {want}) for this backbone, got shape {np.shape(x)}.")
     if np.ndim(y) != 1 or np.shape(y)[0] != np.shape(x)[0]:
         raise ValueError(f"support_set: y must hold one integer label per input ({np.shape(x)[0]}), got shape "
                          f"{np.shape(y)}.")
@@ -352,12 +354,14 @@ def sample_tasks(x, y, classes, num_tasks, *, ways=5, shots=5, queries=15, seed=
 
 
 def pretrain_backbone(data: Dataset, classes, *, hidden=(128, 64), num_steps=3000, learning_rate=1e-3,
-                      batch_size=128, seed=0):
-    """Pretrain an MLP on the meta-training ``classes`` of ``data`` with metagrad's training loop.
+                      batch_size=128, seed=0, model=None):
+    """Pretrain a backbone (an MLP by default) on the meta-training ``classes`` of ``data`` with metagrad's loop.
 
     Returns ``(backbone_params, info)`` where the backbone is the feature part
-    (the classifier layer is dropped) and ``info`` holds the test accuracy on
-    those classes and the wall time.
+    (the classifier layer, the last ``Dense``, is dropped) and ``info`` holds
+    the test accuracy on those classes and the wall time. ``model`` replaces
+    the MLP of widths ``hidden`` (e.g. a
+    :class:`metagrad.hyperflow_bias.ConvBackbone` with ``num_classes=len(classes)``).
     """
     classes = list(classes)
     remap = np.full(data.num_classes, -1, np.int32)
@@ -367,8 +371,8 @@ def pretrain_backbone(data: Dataset, classes, *, hidden=(128, 64), num_steps=300
         xs, ys = class_subset(*data.split(split), classes)
         parts += [xs, remap[ys]]
     subset = Dataset(*parts, num_classes=len(classes), name=f"{data.name}[{classes}]")
-    problem = TrainingProblem(MLP(hidden=tuple(hidden), num_classes=len(classes)),
-                              optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate), subset,
+    model = MLP(hidden=tuple(hidden), num_classes=len(classes)) if model is None else model
+    problem = TrainingProblem(model, optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate), subset,
                               num_steps=num_steps, batch_size=min(batch_size, subset.num_train), seed=seed,
                               lr_schedule=None)
     tic = time.perf_counter()
@@ -376,7 +380,8 @@ def pretrain_backbone(data: Dataset, classes, *, hidden=(128, 64), num_steps=300
     _, acc = problem.loss_and_accuracy(params, "test")
     acc = float(acc)
     seconds = time.perf_counter() - tic
-    backbone = {f"Dense_{i}": params[f"Dense_{i}"] for i in range(len(hidden))}
+    classifier = max((k for k in params if k.startswith("Dense_")), key=lambda k: int(k.split("_")[1]))
+    backbone = {k: v for k, v in params.items() if k != classifier}
     return backbone, {"test_accuracy": acc, "seconds": seconds, "num_steps": num_steps}
 
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,8 +63,24 @@ from . import hyperflow as hf
 # ----------------------------------------------------------------------------- target model with explicit biases
 
 
+def is_conv(backbone) -> bool:
+    """Whether the backbone is a 1-D CNN (``Conv_i`` layers) rather than an MLP (``Dense_i`` layers)."""
+    return "Conv_0" in backbone
+
+
+def layer_names(layers) -> list:
+    """The hidden layers of a backbone (or the keys of its bias subset) in order: ``Dense_0, Dense_1, ...`` for an
+    MLP, ``Conv_0, Conv_1, ...`` for a 1-D CNN."""
+    prefix = "Conv_" if is_conv(layers) else "Dense_"
+    names = [f"{prefix}{i}" for i in range(len(layers))]
+    if set(names) != set(layers):
+        raise ValueError(f"a backbone holds hidden layers {prefix}0..{prefix}{len(layers) - 1} only (an MLP's Dense_i "
+                         f"or a 1-D CNN's Conv_i), got {sorted(layers)}.")
+    return names
+
+
 def num_layers(backbone) -> int:
-    return len([k for k in backbone if k.startswith("Dense_")])
+    return len(layer_names(backbone))
 
 
 def get_biases(backbone):
@@ -76,16 +93,34 @@ def with_biases(backbone, biases):
     return {k: {**v, "bias": biases[k]} for k, v in backbone.items()}
 
 
-def forward(backbone, biases, x):
-    """Forward pass of the ReLU MLP backbone with ``biases``: ``(pre-activations, activations, features)``.
+def _conv(h, kernel):
+    """A ``SAME``-padded 1-D convolution of ``h`` (N, L, C_in) with ``kernel`` (width, C_in, C_out), as flax's Conv."""
+    return lax.conv_general_dilated(h, kernel, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
 
-    Same function as :func:`metagrad.hyperflow.features` (L2-normalized ReLU of
-    the last layer) for ``biases = get_biases(backbone)``.
+
+def _normalized(h):
+    return h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-6)
+
+
+def forward(backbone, biases, x):
+    """Forward pass of the ReLU backbone with ``biases``: ``(pre-activations, activations, features)``.
+
+    MLP (``Dense_i``): the same function as :func:`metagrad.hyperflow.features`
+    (L2-normalized ReLU of the last layer) for ``biases = get_biases(backbone)``.
+    1-D CNN (``Conv_i``, :class:`ConvBackbone`): ``SAME``-padded convolutions
+    and ReLUs on ``x`` (N, L), then the last layer's activations averaged over
+    positions and L2-normalized; the activations are (N, L, C).
     """
-    h = x.reshape((x.shape[0], -1))
     zs, hs = [], []
-    for i in range(num_layers(backbone)):
-        name = f"Dense_{i}"
+    if is_conv(backbone):
+        h = x[..., None]
+        for name in layer_names(backbone):
+            z = _conv(h, backbone[name]["kernel"]) + biases[name]
+            h = jax.nn.relu(z)
+            zs.append(z), hs.append(h)
+        return zs, hs, _normalized(jnp.mean(h, 1))
+    h = x.reshape((x.shape[0], -1))
+    for name in layer_names(backbone):
         z = h @ backbone[name]["kernel"] + biases[name]
         h = jax.nn.relu(z)
         zs.append(z), hs.append(h)
@@ -93,8 +128,55 @@ def forward(backbone, biases, x):
     return zs, hs, f
 
 
+def pooled_forward(backbone, biases, x):
+    """A 1-D CNN backbone's forward pass reduced per example and channel, one support example at a time.
+
+    Returns ``(layers, features)``: for every layer, ``(z, h, firing)`` (N, C) --
+    the pre-activation and the activation averaged over positions, and the
+    fraction of positions where the channel fires -- and the features of
+    :func:`forward`. The examples go through ``lax.map``, so the pass holds one
+    example's (L, C) activations at a time, never the support set's (N, L, C)
+    that backpropagation keeps for every layer.
+    """
+    names = layer_names(backbone)
+
+    def one(xi):
+        h, out = xi[None, :, None], []
+        for name in names:
+            z = _conv(h, backbone[name]["kernel"]) + biases[name]
+            h = jax.nn.relu(z)
+            out.append((jnp.mean(z[0], 0), jnp.mean(h[0], 0), jnp.mean((z[0] > 0).astype(z.dtype), 0)))
+        return out, jnp.mean(h[0], 0)
+
+    layers, pooled = lax.map(one, x)
+    return layers, _normalized(pooled)
+
+
+class ConvBackbone(nn.Module):
+    """A 1-D CNN backbone for bias-mode HyperFlow: ``SAME`` convolutions and ReLUs (no pooling between them), the
+    last layer averaged over positions, then a ``Dense`` classifier (dropped after pretraining: the features are the
+    L2-normalized average, :func:`forward`)."""
+
+    channels: tuple = (64, 64, 64)
+    kernel_size: int = 5
+    num_classes: int = 5
+
+    @nn.compact
+    def __call__(self, x):
+        h = x[..., None] if x.ndim == 2 else x
+        for ch in self.channels:
+            h = nn.relu(nn.Conv(ch, (self.kernel_size,), padding="SAME")(h))
+        return nn.Dense(self.num_classes)(jnp.mean(h, 1))
+
+
 def features(backbone, biases, x):
     return forward(backbone, biases, x)[2]
+
+
+def support_features(backbone, biases, x):
+    """:func:`features` for passes that take no derivative: a 1-D CNN's come from :func:`pooled_forward`, one
+    example at a time (an MLP's from :func:`forward`)."""
+    return pooled_forward(backbone, biases, x)[1] if is_conv(backbone) else features(backbone, biases, x)
 
 
 def loss(theta, backbone, x, y_onehot):
@@ -105,7 +187,7 @@ def loss(theta, backbone, x, y_onehot):
 def init_theta(backbone, x, y_onehot, scale):
     """Starting point of every method: the pretrained biases and the prototype head of the support set."""
     biases = get_biases(backbone)
-    return {"biases": biases, "head": hf.prototype_head(features(backbone, biases, x), y_onehot, scale)}
+    return {"biases": biases, "head": hf.prototype_head(support_features(backbone, biases, x), y_onehot, scale)}
 
 
 def log_probs(theta, backbone, x):
@@ -183,7 +265,7 @@ def init_drift(key, config: BiasDriftConfig, layers: int):
             "units": [hf._mlp_init(jax.random.fold_in(key, 10 + i), (unit_in, h, h, 1)) for i in range(layers)]}
 
 
-def _unit_statistics(z, h, logits, p, y1h, counts, own, classwise: bool):
+def _unit_statistics(z, h, logits, p, y1h, counts, own, classwise: bool, firing=None):
     """Forward statistics of one layer's units on the support set: what their tokens hold besides the bias and ``t``.
 
     Per (unit j, class c) statistics -- the activation- and firing-weighted means of the residual
@@ -198,11 +280,13 @@ def _unit_statistics(z, h, logits, p, y1h, counts, own, classwise: bool):
     kernel row by :func:`_tokens`. Everything comes from two ``(W, N) @ (N, 3K + 2)`` products of
     the activation and the firing indicator with [residual, class-mean weights, standardized logits,
     standardized per-example loss, 1 - p(true class)]; no derivative and no transposed weight
-    product is formed.
+    product is formed. For a 1-D CNN's channels, ``z``, ``h`` and ``firing`` are
+    :func:`pooled_forward`'s per-example averages over positions (an MLP's
+    ``firing`` is ``z > 0``).
     """
     n, k = y1h.shape
     s = jnp.sqrt(jnp.mean(h * h, 0)) + 1e-6  # (W,) unit scale
-    active = (z > 0).astype(h.dtype)
+    active = (z > 0).astype(h.dtype) if firing is None else firing
     nll = -jnp.log(jnp.sum(p * y1h, -1, keepdims=True) + 1e-9)  # (N, 1) per-example loss
 
     def standardize(a):
@@ -261,15 +345,19 @@ def _confidence(logits, y_onehot):
 
 def drift(phi, theta, t, backbone, x, y_onehot, config: BiasDriftConfig):
     """``h_phi(theta, t | S)`` for ``theta = {"biases", "head"}``: a backbone forward pass, then the token MLPs."""
-    zs, hs, f = forward(backbone, theta["biases"], x)
+    if is_conv(backbone):  # per-example channel averages, one example at a time
+        layers, f = pooled_forward(backbone, theta["biases"], x)
+    else:
+        zs, hs, f = forward(backbone, theta["biases"], x)
+        layers = [(z, h, None) for z, h in zip(zs, hs)]
     v_head = _head_velocity(phi, theta, t, f, y_onehot, config)
     logits = hf.head_logits(theta["head"], f)
     p, counts, own = _confidence(logits, y_onehot)
-    nl = len(zs)
+    names = layer_names(backbone)
     v_bias = {}
-    for i, (z, h) in enumerate(zip(zs, hs)):
-        name, last = f"Dense_{i}", i == nl - 1
-        stats = _unit_statistics(z, h, logits, p, y_onehot, counts, own, classwise=last)
+    for i, (z, h, firing) in enumerate(layers):
+        name, last = names[i], i == len(names) - 1
+        stats = _unit_statistics(z, h, logits, p, y_onehot, counts, own, classwise=last, firing=firing)
         tok = _tokens(stats, theta["biases"][name], _head_kernel_rows(theta, config) if last else None, t)
         v = hf._mlp_apply(phi["units"][i], tok)[:, 0]  # (W,)
         v_bias[name] = config.bias_scales[i] * v
@@ -286,8 +374,17 @@ def encode_support(backbone, theta0, x, y_onehot):
     starts from the first one's result, which keeps XLA from merging the two
     into one pass that holds every layer's activations: the encoding's scratch
     memory is that of one layer, not of the whole network (what backprop
-    keeps).
+    keeps). A 1-D CNN's encoding takes one pass, :func:`pooled_forward`, one
+    example at a time: its per-example channel averages are small enough to
+    keep until the head's probabilities are known.
     """
+    if is_conv(backbone):
+        layers, f = pooled_forward(backbone, theta0["biases"], x)
+        logits = hf.head_logits(theta0["head"], f)
+        p, counts, own = _confidence(logits, y_onehot)
+        units = [_unit_statistics(z, h, logits, p, y_onehot, counts, own, classwise=i == len(layers) - 1,
+                                  firing=firing) for i, (z, h, firing) in enumerate(layers)]
+        return {"feats": f, "units": units, "biases0": theta0["biases"]}
     f = features(backbone, theta0["biases"], x)
     logits = hf.head_logits(theta0["head"], f)
     p, counts, own = _confidence(logits, y_onehot)
@@ -295,9 +392,9 @@ def encode_support(backbone, theta0, x, y_onehot):
     # first pass nor run ahead of it (XLA on CPU drops optimization barriers); the select is the identity
     # unless the head's probabilities are not finite, when the encoding is NaN either way.
     h = jnp.where(jnp.all(jnp.isfinite(p)), x.reshape((x.shape[0], -1)), jnp.nan)
-    units, nl = [], num_layers(backbone)
-    for i in range(nl):
-        name = f"Dense_{i}"
+    units, names = [], layer_names(backbone)
+    nl = len(names)
+    for i, name in enumerate(names):
         z = h @ backbone[name]["kernel"] + theta0["biases"][name]
         h = jax.nn.relu(z)
         units.append(_unit_statistics(z, h, logits, p, y_onehot, counts, own, classwise=i == nl - 1))
@@ -316,10 +413,11 @@ def encoded_drift(phi, theta, t, encoding, y_onehot, config: BiasDriftConfig):
     from the rollout refinement (:func:`refine_on_rollouts`).
     """
     v_head = _head_velocity(phi, theta, t, encoding["feats"], y_onehot, config)
-    nl = len(encoding["units"])
+    names = layer_names(encoding["biases0"])
+    nl = len(names)
     v_bias, ready = {}, jnp.asarray(True)
     for i, stats in enumerate(encoding["units"]):
-        name = f"Dense_{i}"
+        name = names[i]
         bias = theta["biases"][name]
         # Layer i's tokens are built only once layer i - 1's velocity exists (the select is the identity
         # unless that velocity is not finite, when the update is NaN either way), so that XLA evaluates the
@@ -355,7 +453,8 @@ def adapt(phi, backbone, support_x, support_y, *, config: BiasDriftConfig, num_s
 
 def _check_support(phi, backbone, support_x, support_y, config: BiasDriftConfig) -> None:
     """Raise ``ValueError`` saying what to change when the support set or the drift does not fit the backbone."""
-    layers, features = num_layers(backbone), np.shape(backbone["Dense_0"]["kernel"])[0]
+    layers = num_layers(backbone)
+    features = None if is_conv(backbone) else np.shape(backbone["Dense_0"]["kernel"])[0]  # a CNN takes any length
     if len(phi["units"]) != layers:
         raise ValueError(f"the drift was built for {len(phi['units'])} hidden layers but the backbone has {layers}: "
                          f"meta-train it on this backbone (init_drift(key, config, {layers})).")
@@ -427,7 +526,7 @@ def meta_train(trajectories, backbone, config: BiasDriftConfig, *, num_iters=200
     layers = num_layers(backbone)
     config = dataclasses.replace(
         config, head=dataclasses.replace(config.head, velocity_scale=float(trajectories["time_scale"])),
-        bias_scales=tuple(rms["biases"][f"Dense_{i}"] for i in range(layers)),
+        bias_scales=tuple(rms["biases"][name] for name in layer_names(backbone)),
         head_scales=tuple((k, rms["head"][k] / float(trajectories["time_scale"])) for k in sorted(rms["head"])))
     num_tasks, num_starts = x.shape[0], jax.tree.leaves(knots)[0].shape[1]
     kinds = tuple(interpolations)

@@ -345,3 +345,77 @@ def test_reduced_bias_mode_hyperflow_beats_no_adaptation(reduced_setup, monkeypa
     assert calls == []
     print(f"bias mode reduced ({support}):", proto.mean(), flow.mean())
     assert (flow - proto).mean() > 0, (proto.mean(), flow.mean())
+
+
+# ----------------------------------------------------------------------------- bias mode on a 1-D CNN backbone
+
+
+def _tiny_conv_model(support="live", channels=(8, 8)):
+    from metagrad import hyperflow_bias as hb
+
+    model = hb.ConvBackbone(channels=channels, kernel_size=3, num_classes=3)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 40)))["params"]
+    config = hb.BiasDriftConfig(head=hf.DriftConfig(ways=3, hidden=8, velocity_scale=2.0), hidden=4,
+                                bias_scales=(0.5,) * len(channels), support=support)
+    return model, params, hb.init_drift(jax.random.key(1), config, len(channels)), config
+
+
+def test_conv_backbone_forward_matches_flax_and_its_pooled_pass():
+    from metagrad import hyperflow_bias as hb
+
+    model, params, _, _ = _tiny_conv_model()
+    backbone = {k: v for k, v in params.items() if k.startswith("Conv_")}
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 40)), jnp.float32)
+    zs, hs, f = hb.forward(backbone, hb.get_biases(backbone), x)
+    assert hs[0].shape == (6, 40, 8) and hb.layer_names(backbone) == ["Conv_0", "Conv_1"]
+    logits = jnp.mean(hs[-1], 1) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+    np.testing.assert_allclose(logits, model.apply({"params": params}, x), rtol=1e-5, atol=1e-6)  # flax's Conv
+    layers, pooled = hb.pooled_forward(backbone, hb.get_biases(backbone), x)  # one example at a time
+    np.testing.assert_allclose(pooled, f, atol=1e-6)
+    for (z, h, firing), z_full, h_full in zip(layers, zs, hs):
+        np.testing.assert_allclose(z, z_full.mean(1), atol=1e-5)
+        np.testing.assert_allclose(h, h_full.mean(1), atol=1e-5)
+        np.testing.assert_allclose(firing, (z_full > 0).mean(1), atol=1e-6)
+    with pytest.raises(ValueError, match="Dense_i or a 1-D CNN's Conv_i"):
+        hb.layer_names({"Conv_0": backbone["Conv_0"], "Conv_2": backbone["Conv_1"]})
+
+
+@pytest.mark.parametrize("support", ["live", "encoded"])
+def test_conv_backbone_adapts_without_gradient_in_memory_that_does_not_hold_the_support_activations(
+        monkeypatch, support):
+    """On a 1-D CNN, GD on the biases keeps every layer's (N, L, C) activations; HyperFlow's passes go one support
+    example at a time, so its memory grows with the sequence length about N times slower than GD's."""
+    from metagrad import hyperflow_bias as hb
+
+    _, params, phi, config = _tiny_conv_model(support)
+    backbone = {k: v for k, v in params.items() if k.startswith("Conv_")}
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(12, 40)), jnp.float32)
+    y = jnp.asarray(np.repeat(np.arange(3), 4), jnp.int32)
+    jax.clear_caches()
+    calls = _count_autodiff_calls(monkeypatch)
+    theta = hb.adapt(phi, backbone, x, y, config=config, num_steps=3)
+    assert calls == []
+    start = hb.init_theta(backbone, x, jax.nn.one_hot(y, 3), config.head.scale)
+    for name in theta["biases"]:
+        assert float(jnp.max(jnp.abs(theta["biases"][name] - start["biases"][name]))) > 0
+    gd = hb.finetune(backbone, x, y, lr_bias=0.5, lr_head=1.0, num_steps=3, ways=3, scale=10.0)
+    assert "grad" in calls  # control
+    y1h = jax.nn.one_hot(y, 3)
+    assert float(hb.loss(gd, backbone, x, y1h)) < float(hb.loss(start, backbone, x, y1h))
+    with pytest.raises(ValueError, match=r"x must be \(N, length\)"):
+        hb.adapt(phi, backbone, x[..., None], y, config=config, num_steps=3)
+
+    def alloc_bytes(fn, length):
+        compiled = jax.jit(fn).lower(backbone, jnp.ones((12, length)), y).compile().memory_analysis()
+        return compiled.temp_size_in_bytes + compiled.output_size_in_bytes
+
+    def flow(b, xx, yy):
+        return hb.adapt(phi, b, xx, yy, config=config, num_steps=3)
+
+    def descent(b, xx, yy):
+        return hb.finetune(b, xx, yy, lr_bias=0.5, lr_head=1.0, num_steps=3, ways=3, scale=10.0)
+
+    growth = {name: alloc_bytes(fn, 640) - alloc_bytes(fn, 40) for name, fn in (("flow", flow), ("gd", descent))}
+    assert growth["gd"] > 12 * 600 * 8 * 4, growth  # at least one layer's activations of all 12 examples
+    assert growth["flow"] < growth["gd"] / 4, growth

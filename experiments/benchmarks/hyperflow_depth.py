@@ -1,6 +1,8 @@
 """Adaptation cost against backbone depth: bias-mode HyperFlow vs GD on the same subset (biases + head).
 
     python experiments/benchmarks/hyperflow_depth.py [--depths 2 4 8 16] [--width 512] [--shots 5]
+    python experiments/benchmarks/hyperflow_depth.py --conv --depths 2 4 8 --width 64 \
+        --out experiments/benchmarks/results/hyperflow_depth_conv.json
 
 Does a deeper backbone give HyperFlow (Kim, Kim & Hong, arXiv 2504.15323) the
 memory and time advantage its paper reports? GD on the biases backprops through
@@ -15,6 +17,13 @@ steps, and both HyperFlow drifts with 8 and 2 Euler steps (drifts of the
 experiment's size, random parameters). Memory is XLA's ``memory_analysis`` of
 each program: "alloc" = temp + output bytes. The table gives GD / HyperFlow
 ratios (> 1: HyperFlow cheaper).
+
+``--conv`` does the same for 1-D CNN backbones (``hyperflow_bias.ConvBackbone``:
+``depth`` SAME convolutions of ``width`` channels, kernel 5, on the length-40
+input, then the average over positions): there GD keeps every layer's
+(N, 40, width) activations, while HyperFlow's passes go one support example at a
+time and keep per-channel statistics, as the paper's vision transformers keep
+tokens x channels activations against a few hundred biases.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ def main():
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--gd-steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--conv", action="store_true", help="1-D CNN backbones: --width channels per layer")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "hyperflow_depth.json"))
     args = parser.parse_args()
 
@@ -59,8 +69,13 @@ def main():
 
     rows, results = [], []
     for depth in args.depths:
-        hidden = (args.width,) * depth + (64,)
-        backbone = hf.feature_model(hidden).init(jax.random.key(depth), jnp.zeros((1, 40)))["params"]
+        if args.conv:
+            hidden = (args.width,) * depth
+            params = hb.ConvBackbone(channels=hidden, kernel_size=5).init(jax.random.key(depth), x[:1])["params"]
+            backbone = {k: v for k, v in params.items() if k.startswith("Conv_")}
+        else:
+            hidden = (args.width,) * depth + (64,)
+            backbone = hf.feature_model(hidden).init(jax.random.key(depth), jnp.zeros((1, 40)))["params"]
         layers = hb.num_layers(backbone)
         configs = {support: hb.BiasDriftConfig(head=hf.DriftConfig(ways=args.ways, hidden=64, velocity_scale=1.0),
                                                hidden=16, bias_scales=(0.1,) * layers,
@@ -92,7 +107,7 @@ def main():
 
     print(format_table(("depth", "method", "time ms", "alloc KiB", "args KiB", "GD/this time", "GD/this alloc"), rows))
     write_json(args.out, {"device": str(jax.devices()[0]), "machine": platform.platform(), "support_examples": n,
-                          "width": args.width, "gd_steps": args.gd_steps, "results": results})
+                          "backbone": "conv1d" if args.conv else "mlp", "width": args.width, "gd_steps": args.gd_steps, "results": results})
     print(f"wrote {args.out}")
 
 
