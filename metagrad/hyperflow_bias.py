@@ -45,6 +45,14 @@ then refines it end to end on its own Euler rollouts
 No derivative is taken at adaptation: there is no backward pass and no
 transposed weight product -- the correlation features are what the drift
 has instead of the backpropagated error.
+
+The backbone is an MLP (``Dense_i`` layers) or a 1-D CNN (``Conv_i`` layers,
+:class:`ConvBackbone`). For a CNN a unit is a channel, and its statistics are
+taken on the per-example averages over positions (:func:`pooled_forward`),
+computed one support example at a time: both drifts then hold one example's
+activations, never the support set's (N, L, C) per layer that gradient
+descent keeps for its backward pass -- the regime of the paper's vision
+transformers, where activations are tokens x channels per layer.
 """
 
 from __future__ import annotations
