@@ -202,6 +202,21 @@ def test_bias_mode_adapt_rejects_bad_support_sets_and_a_drift_of_another_depth()
         jax.vmap(lambda xx, yy: hb.adapt(phi, backbone, xx, yy, config=config, num_steps=2))(x[None, :, :30], y[None])
 
 
+def _adapt_counting_autodiff(monkeypatch, phi, backbone, config, x, y):
+    """Bias-mode adaptation traced afresh under the autodiff counters: no call, and every bias layer moves.
+    Returns ``(theta, start, calls)``; ``calls`` keeps counting."""
+    from metagrad import hyperflow_bias as hb
+
+    jax.clear_caches()
+    calls = _count_autodiff_calls(monkeypatch)
+    theta = hb.adapt(phi, backbone, x, y, config=config, num_steps=3)
+    assert calls == []
+    start = hb.init_theta(backbone, x, jax.nn.one_hot(y, 3), config.head.scale)
+    for name in theta["biases"]:
+        assert float(jnp.max(jnp.abs(theta["biases"][name] - start["biases"][name]))) > 0
+    return theta, start, calls
+
+
 @pytest.mark.parametrize("support", ["live", "encoded"])
 def test_bias_mode_adapt_calls_no_gradient(monkeypatch, support):
     from metagrad import hyperflow_bias as hb
@@ -210,13 +225,7 @@ def test_bias_mode_adapt_calls_no_gradient(monkeypatch, support):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(9, 40)), jnp.float32)
     y = jnp.asarray(np.repeat(np.arange(3), 3), jnp.int32)
-    jax.clear_caches()
-    calls = _count_autodiff_calls(monkeypatch)
-    theta = hb.adapt(phi, backbone, x, y, config=config, num_steps=3)
-    assert calls == []
-    start = hb.init_theta(backbone, x, jax.nn.one_hot(y, 3), config.head.scale)
-    for name in theta["biases"]:  # every adapted bias layer moved, as did the head
-        assert float(jnp.max(jnp.abs(theta["biases"][name] - start["biases"][name]))) > 0
+    theta, start, calls = _adapt_counting_autodiff(monkeypatch, phi, backbone, config, x, y)
     assert float(jnp.max(jnp.abs(theta["head"]["kernel"] - start["head"]["kernel"]))) > 0
     jax.jit(lambda b, xx: hb.finetune(b, xx, y, lr_bias=0.1, lr_head=0.1, num_steps=2, ways=3, scale=10.0))(
         backbone, x)
@@ -392,13 +401,7 @@ def test_conv_backbone_adapts_without_gradient_in_memory_that_does_not_hold_the_
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(12, 40)), jnp.float32)
     y = jnp.asarray(np.repeat(np.arange(3), 4), jnp.int32)
-    jax.clear_caches()
-    calls = _count_autodiff_calls(monkeypatch)
-    theta = hb.adapt(phi, backbone, x, y, config=config, num_steps=3)
-    assert calls == []
-    start = hb.init_theta(backbone, x, jax.nn.one_hot(y, 3), config.head.scale)
-    for name in theta["biases"]:
-        assert float(jnp.max(jnp.abs(theta["biases"][name] - start["biases"][name]))) > 0
+    _, start, calls = _adapt_counting_autodiff(monkeypatch, phi, backbone, config, x, y)
     gd = hb.finetune(backbone, x, y, lr_bias=0.5, lr_head=1.0, num_steps=3, ways=3, scale=10.0)
     assert "grad" in calls  # control
     y1h = jax.nn.one_hot(y, 3)
