@@ -106,10 +106,6 @@ def _conv(h, kernel):
     return lax.conv_general_dilated(h, kernel, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
 
 
-def _normalized(h):
-    return h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-6)
-
-
 def forward(backbone, biases, x):
     """Forward pass of the ReLU backbone with ``biases``: ``(pre-activations, activations, features)``.
 
@@ -119,21 +115,16 @@ def forward(backbone, biases, x):
     and ReLUs on ``x`` (N, L), then the last layer's activations averaged over
     positions and L2-normalized; the activations are (N, L, C).
     """
+    conv = is_conv(backbone)
+    h = x[..., None] if conv else x.reshape((x.shape[0], -1))
     zs, hs = [], []
-    if is_conv(backbone):
-        h = x[..., None]
-        for name in layer_names(backbone):
-            z = _conv(h, backbone[name]["kernel"]) + biases[name]
-            h = jax.nn.relu(z)
-            zs.append(z), hs.append(h)
-        return zs, hs, _normalized(jnp.mean(h, 1))
-    h = x.reshape((x.shape[0], -1))
     for name in layer_names(backbone):
-        z = h @ backbone[name]["kernel"] + biases[name]
+        kernel = backbone[name]["kernel"]
+        z = (_conv(h, kernel) if conv else h @ kernel) + biases[name]
         h = jax.nn.relu(z)
         zs.append(z), hs.append(h)
-    f = h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-6)
-    return zs, hs, f
+    f = jnp.mean(h, 1) if conv else h
+    return zs, hs, f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + 1e-6)
 
 
 def pooled_forward(backbone, biases, x):
@@ -146,18 +137,13 @@ def pooled_forward(backbone, biases, x):
     example's (L, C) activations at a time, never the support set's (N, L, C)
     that backpropagation keeps for every layer.
     """
-    names = layer_names(backbone)
 
     def one(xi):
-        h, out = xi[None, :, None], []
-        for name in names:
-            z = _conv(h, backbone[name]["kernel"]) + biases[name]
-            h = jax.nn.relu(z)
-            out.append((jnp.mean(z[0], 0), jnp.mean(h[0], 0), jnp.mean((z[0] > 0).astype(z.dtype), 0)))
-        return out, jnp.mean(h[0], 0)
+        zs, hs, f = forward(backbone, biases, xi[None])
+        return [(jnp.mean(z[0], 0), jnp.mean(h[0], 0), jnp.mean((z[0] > 0).astype(z.dtype), 0))
+                for z, h in zip(zs, hs)], f[0]
 
-    layers, pooled = lax.map(one, x)
-    return layers, _normalized(pooled)
+    return lax.map(one, x)
 
 
 class ConvBackbone(nn.Module):
@@ -351,6 +337,14 @@ def _confidence(logits, y_onehot):
     return p, counts, jnp.sum(p * y_onehot, 0) / counts
 
 
+def _layer_statistics(layers, logits, y_onehot):
+    """Every layer's :func:`_unit_statistics` (the last layer's with its classwise part) from its forward
+    ``(z, h, firing)`` (``firing`` None for an MLP) and the head's ``logits`` on the support set."""
+    p, counts, own = _confidence(logits, y_onehot)
+    return [_unit_statistics(z, h, logits, p, y_onehot, counts, own, classwise=i == len(layers) - 1, firing=firing)
+            for i, (z, h, firing) in enumerate(layers)]
+
+
 def drift(phi, theta, t, backbone, x, y_onehot, config: BiasDriftConfig):
     """``h_phi(theta, t | S)`` for ``theta = {"biases", "head"}``: a backbone forward pass, then the token MLPs."""
     if is_conv(backbone):  # per-example channel averages, one example at a time
@@ -359,13 +353,11 @@ def drift(phi, theta, t, backbone, x, y_onehot, config: BiasDriftConfig):
         zs, hs, f = forward(backbone, theta["biases"], x)
         layers = [(z, h, None) for z, h in zip(zs, hs)]
     v_head = _head_velocity(phi, theta, t, f, y_onehot, config)
-    logits = hf.head_logits(theta["head"], f)
-    p, counts, own = _confidence(logits, y_onehot)
+    units = _layer_statistics(layers, hf.head_logits(theta["head"], f), y_onehot)
     names = layer_names(backbone)
     v_bias = {}
-    for i, (z, h, firing) in enumerate(layers):
+    for i, stats in enumerate(units):
         name, last = names[i], i == len(names) - 1
-        stats = _unit_statistics(z, h, logits, p, y_onehot, counts, own, classwise=last, firing=firing)
         tok = _tokens(stats, theta["biases"][name], _head_kernel_rows(theta, config) if last else None, t)
         v = hf._mlp_apply(phi["units"][i], tok)[:, 0]  # (W,)
         v_bias[name] = config.bias_scales[i] * v
@@ -388,10 +380,7 @@ def encode_support(backbone, theta0, x, y_onehot):
     """
     if is_conv(backbone):
         layers, f = pooled_forward(backbone, theta0["biases"], x)
-        logits = hf.head_logits(theta0["head"], f)
-        p, counts, own = _confidence(logits, y_onehot)
-        units = [_unit_statistics(z, h, logits, p, y_onehot, counts, own, classwise=i == len(layers) - 1,
-                                  firing=firing) for i, (z, h, firing) in enumerate(layers)]
+        units = _layer_statistics(layers, hf.head_logits(theta0["head"], f), y_onehot)
         return {"feats": f, "units": units, "biases0": theta0["biases"]}
     f = features(backbone, theta0["biases"], x)
     logits = hf.head_logits(theta0["head"], f)
