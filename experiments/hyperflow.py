@@ -1,6 +1,6 @@
 """HyperFlow vs fine-tuning on few-shot MNIST-1D tasks (5-way 5-shot).
 
-    python experiments/hyperflow.py [--quick] [--fresh] [--out experiments/results/hyperflow]
+    python experiments/hyperflow.py [--quick] [--fresh] [--bias-backbone {mlp,conv}] [--out FOLDER]
 
 Kim, Kim & Hong, arXiv 2504.15323. An MLP backbone is pretrained on MNIST-1D
 classes 0-4; the drift network is meta-trained on 5-way tasks over held-out
@@ -29,6 +29,12 @@ pass under the current biases at every Euler step; the *encoded* drift, as in
 the paper, sees the support set only through statistics computed once at the
 start, so integrating it runs no pass of the target model. Throughout, a tie
 on the tuning episodes goes to the setting with fewer steps.
+
+``--bias-backbone conv`` runs the bias mode on a 1-D CNN (3 SAME convolutions
+of 32 channels, kernel 5, averaged over positions; :class:`hb.ConvBackbone`)
+instead of the MLP, with a wider GD learning-rate grid and meta-training at a
+reduced size (512 tasks, 800 regression and 1,000 refinement iterations), and
+writes to ``experiments/results/hyperflow_conv``.
 
 Each meta-trained bias-mode drift (minutes each) is saved at once under
 ``--out`` (``finished_drifts.json``, removed when the run completes), so a
@@ -59,6 +65,9 @@ WAYS, SHOTS, QUERIES = 5, 5, 15
 # bias mode: GD fine-tuning (steps, head LR, bias LR) grid, tuned on the tuning episodes
 BIAS_SETTINGS = tuple((s, lh, lb) for s in (30, 100) for lh in (3.0, 10.0) for lb in (1.0, 3.0, 10.0))
 BIAS_META_ITERS = 3000
+# bias mode on a 1-D CNN backbone (--bias-backbone conv): a wider learning-rate grid (a dev check found the best
+# setting at the edge of the MLP's), and a reduced meta-training size (one drift iteration costs about 1 s here)
+CONV_BIAS_SETTINGS = tuple((s, lh, lb) for s in (30, 100) for lh in (1.0, 3.0) for lb in (1.0, 3.0, 10.0))
 BASE, NOVEL = tuple(range(5)), tuple(range(5, 10))
 
 
@@ -191,23 +200,36 @@ def meta_train_bias_drift(cfg, traj, backbone, dcfg0, query_x, progress):
 
 
 def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
-    """The paper's PEFT subset: all biases of a wider MLP backbone plus the head (:mod:`metagrad.hyperflow_bias`).
+    """The paper's PEFT subset: all biases of a backbone plus the head (:mod:`metagrad.hyperflow_bias`).
+
+    The backbone is a wider MLP (``cfg["bias_backbone"] == "mlp"``, widths
+    ``bias_hidden``) or a 1-D CNN (``"conv"``, :class:`hb.ConvBackbone` with
+    ``bias_channels``), pretrained on the base classes.
 
     Every method starts from the pretrained biases and the prototype head. Baselines: GD fine-tuning of the
     same subset (backprop through the backbone at every step; steps and the two learning rates tuned on the
     tuning episodes) and full fine-tuning (every parameter). HyperFlow's Euler steps are tuned likewise.
     """
-    hidden, scale = tuple(cfg["bias_hidden"]), 10.0
-    out = {"hidden": hidden}
-    backbone, pre = hf.pretrain_backbone(data_a, BASE, hidden=hidden, num_steps=cfg["pretrain_steps"])
+    hidden, scale, conv = tuple(cfg["bias_hidden"]), 10.0, cfg["bias_backbone"] == "conv"
+    if conv:
+        channels = tuple(cfg["bias_channels"])
+        model = hb.ConvBackbone(channels=channels, kernel_size=5, num_classes=len(BASE))
+        out = {"backbone": f"1-D CNN, {len(channels)} conv layers of {'/'.join(map(str, channels))} channels"}
+    else:
+        model, out = None, {"backbone": f"MLP 40-{'-'.join(map(str, hidden))}"}
+    backbone, pre = hf.pretrain_backbone(data_a, BASE, hidden=hidden, num_steps=cfg["bias_pretrain_steps"],
+                                         model=model)
     out["pretraining"] = pre
-    print(f"[bias mode] backbone {hidden} pretrained: test accuracy {pre['test_accuracy']:.3f} "
+    print(f"[bias mode] backbone {out['backbone']} pretrained: test accuracy {pre['test_accuracy']:.3f} "
           f"({pre['seconds']:.1f} s)")
+
+    def backbone_features(b, x):  # features of a backbone with all its parameters (full fine-tuning's output)
+        return hb.features(b, hb.get_biases(b), x) if conv else hf.features(b, x, hidden)
 
     def acc(fn, tasks, *extra):
         th = jax.jit(jax.vmap(functools.partial(fn, *extra, backbone)))(tasks["support_x"], tasks["support_y"])
         if "biases" not in th:  # full fine-tuning returns {"backbone", "head"}
-            return np.asarray(jax.vmap(lambda b, h, x, y: hf.accuracy(h, hf.features(b, x, hidden), y))(
+            return np.asarray(jax.vmap(lambda b, h, x, y: hf.accuracy(h, backbone_features(b, x), y))(
                 th["backbone"], th["head"], tasks["query_x"], tasks["query_y"]))
         return np.asarray(jax.vmap(lambda t, x, y: hb.accuracy(t, backbone, x, y))(
             th, tasks["query_x"], tasks["query_y"]))
@@ -221,7 +243,7 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
 
     def full_fn(lr, steps):
         return lambda bb, sx, sy: hf.finetune_full(bb, sx, sy, lr=lr, num_steps=steps, hidden=hidden, ways=WAYS,
-                                                   scale=scale)
+                                                   scale=scale, features_fn=backbone_features if conv else None)
 
     grid = {}
     for setting in progress_bar(cfg["bias_settings"], desc="[bias mode] tuning fine-tuning", disable=not progress):
@@ -310,22 +332,36 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced size (about a minute)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "hyperflow"))
+    parser.add_argument("--bias-backbone", choices=("mlp", "conv"), default="mlp",
+                        help="the bias mode's backbone: an MLP 40-512-64 (default) or a 1-D CNN of 3 x 32 channels "
+                             "(meta-training at a reduced size: about 1.5 h on a 2-core CPU)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: experiments/results/hyperflow, or hyperflow_conv for "
+                             "--bias-backbone conv)")
     parser.add_argument("--fresh", action="store_true",
                         help="discard the drifts an earlier, unfinished run in --out left (it resumes by default)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     quick, progress = args.quick, not args.no_progress
+    conv = args.bias_backbone == "conv"
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", "hyperflow_conv" if conv else "hyperflow")
     cfg = dict(num_samples=20000, pretrain_steps=4000, meta_tasks=1024, meta_iters=3000, episodes=300,
                tuning_episodes=100, timed=100, head_lrs=(0.3, 1.0, 3.0, 10.0), head_steps=(10, 30, 100, 300),
                full_lrs=(0.03, 0.1, 0.3), full_steps=(10, 30, 100), euler_steps=(1, 2, 4, 8),
-               bias_hidden=(512, 64), bias_settings=BIAS_SETTINGS, bias_meta_tasks=1024, bias_starts=1,
-               bias_meta_iters=BIAS_META_ITERS, bias_drift_hidden=16, bias_rollout_euler=5, bias_rollout_iters=2000)
+               bias_backbone="mlp", bias_hidden=(512, 64), bias_pretrain_steps=4000, bias_settings=BIAS_SETTINGS,
+               bias_meta_tasks=1024, bias_starts=1, bias_meta_iters=BIAS_META_ITERS, bias_drift_hidden=16,
+               bias_rollout_euler=5, bias_rollout_iters=2000)
+    if conv:
+        cfg.update(bias_backbone="conv", bias_channels=(32, 32, 32), bias_pretrain_steps=2000,
+                   bias_settings=CONV_BIAS_SETTINGS, bias_meta_tasks=512, bias_meta_iters=800, bias_rollout_iters=1000)
     if quick:
         cfg.update(num_samples=6000, pretrain_steps=1000, meta_tasks=256, meta_iters=600, episodes=60,
                    tuning_episodes=40, timed=20, head_lrs=(1.0, 3.0), head_steps=(30, 100), full_lrs=(0.1,),
                    full_steps=(10, 30), euler_steps=(2, 4), bias_settings=((100, 10.0, 3.0), (30, 10.0, 3.0)),
-                   bias_meta_tasks=256, bias_meta_iters=300, bias_rollout_iters=200)
+                   bias_meta_tasks=256, bias_meta_iters=300, bias_rollout_iters=200, bias_pretrain_steps=1000)
+        if conv:
+            cfg.update(bias_channels=(8, 8), bias_pretrain_steps=300, bias_settings=((30, 3.0, 1.0), (100, 3.0, 1.0)),
+                       bias_meta_tasks=64, bias_meta_iters=100, bias_rollout_iters=50)
     hidden, scale = (128, 64), 10.0
     # Each meta-trained bias-mode drift (minutes each) is saved under --out at once, so a killed run resumes there.
     try:
@@ -492,8 +528,8 @@ def main():
                     yerr=[acc_b[n]["ci95"] for n in bnames], capsize=3, label=source)
     axes[0].set_xticks(np.arange(len(bnames)) + 0.2, bshort, fontsize=7, rotation=15)
     lo = min(a["mean"] for r in bias["results"].values() for v in r.values() for a in v["accuracy"].values())
-    axes[0].set(ylim=(lo - 0.05, None), ylabel="query accuracy (95% CI)",
-                title=f"bias mode: backbone {bias['hidden']}, biases + head adapted")
+    axes[0].set(ylim=(lo - 0.05, None), ylabel="query accuracy (95% CI)")
+    axes[0].set_title(f"bias mode: {bias['backbone']}, biases + head adapted", fontsize=9)
     axes[0].legend(fontsize=7)
     for name, sh in zip(bnames, bshort):
         c = bias["costs"][name]
@@ -531,7 +567,7 @@ def main():
           f"pretraining {pre['seconds']:.1f} s; total {report['total_seconds']:.0f} s")
     for goal, met in goals.items():
         print(f"goal {goal}: {met}")
-    print(f"\nbias mode: backbone {bias['hidden']}, adapted subset = all biases + head")
+    print(f"\nbias mode: backbone {bias['backbone']}, adapted subset = all biases + head")
     print(format_table(("src", "method", "accuracy +- 95% CI", "time ms", "alloc KiB", "peak KiB"), bias["rows"]))
     for support in bias["meta_training"]:
         for source, r in bias["results"].items():

@@ -406,13 +406,18 @@ def finetune_head(backbone, support_x, support_y, *, lr, num_steps, hidden, ways
     return lax.fori_loop(0, num_steps, lambda t, s: finetune_step(s, meta, t), {"head": head})["head"]
 
 
-def finetune_full(backbone, support_x, support_y, *, lr, num_steps, hidden, ways, scale):
-    """Baseline: gradient descent on every parameter (backbone and head) from the prototype head."""
+def finetune_full(backbone, support_x, support_y, *, lr, num_steps, hidden, ways, scale, features_fn=None):
+    """Baseline: gradient descent on every parameter (backbone and head) from the prototype head.
+
+    ``features_fn(backbone, x)`` gives the features of another kind of backbone
+    (default: the MLP of :func:`features` with widths ``hidden``).
+    """
+    features_fn = (lambda b, x: features(b, x, hidden)) if features_fn is None else features_fn
     y1h = jax.nn.one_hot(support_y, ways)
-    head = prototype_head(features(backbone, support_x, hidden), y1h, scale)
+    head = prototype_head(features_fn(backbone, support_x), y1h, scale)
 
     def loss(p):
-        return head_loss(p["head"], features(p["backbone"], support_x, hidden), y1h)
+        return head_loss(p["head"], features_fn(p["backbone"], support_x), y1h)
 
     def body(_, p):
         g = jax.grad(loss)(p)
