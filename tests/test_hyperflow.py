@@ -389,6 +389,27 @@ def test_conv_backbone_forward_matches_flax_and_its_pooled_pass():
         hb.layer_names({"Conv_0": backbone["Conv_0"], "Conv_2": backbone["Conv_1"]})
 
 
+def test_full_finetuning_of_a_conv_backbone_lowers_the_loss_and_moves_every_kernel():
+    """The full fine-tuning baseline of the CNN bias mode: ``hf.finetune_full`` with the CNN's features."""
+    from metagrad import hyperflow_bias as hb
+
+    _, params, _, _ = _tiny_conv_model()
+    backbone = {k: v for k, v in params.items() if k.startswith("Conv_")}
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(6, 40)), jnp.float32)
+    y1h = jax.nn.one_hot(jnp.asarray([0, 0, 1, 1, 2, 2]), 3)
+
+    def conv_features(b, xx):
+        return hb.features(b, hb.get_biases(b), xx)
+
+    tuned = hf.finetune_full(backbone, x, jnp.argmax(y1h, -1), lr=0.1, num_steps=3, hidden=None, ways=3, scale=10.0,
+                             features_fn=conv_features)
+    start = hf.prototype_head(conv_features(backbone, x), y1h, 10.0)
+    assert float(hf.head_loss(tuned["head"], conv_features(tuned["backbone"], x), y1h)) < float(
+        hf.head_loss(start, conv_features(backbone, x), y1h))
+    for name in backbone:
+        assert float(jnp.max(jnp.abs(tuned["backbone"][name]["kernel"] - backbone[name]["kernel"]))) > 0
+
+
 @pytest.mark.parametrize("support", ["live", "encoded"])
 def test_conv_backbone_adapts_without_gradient_in_memory_that_does_not_hold_the_support_activations(
         monkeypatch, support):
