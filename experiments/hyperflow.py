@@ -331,7 +331,7 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a reduced size (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="a reduced size: a pipeline check (2-3 min)")
     parser.add_argument("--bias-backbone", choices=("mlp", "conv"), default="mlp",
                         help="the bias mode's backbone: an MLP 40-512-64 (default) or a 1-D CNN of 3 x 32 channels "
                              "(meta-training at a reduced size: about 2.5 h on a 2-core CPU)")
