@@ -243,7 +243,7 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
 
     def full_fn(lr, steps):
         return lambda bb, sx, sy: hf.finetune_full(bb, sx, sy, lr=lr, num_steps=steps, hidden=hidden, ways=WAYS,
-                                                   scale=scale, features_fn=backbone_features if conv else None)
+                                                   scale=scale, features_fn=backbone_features)
 
     grid = {}
     for setting in progress_bar(cfg["bias_settings"], desc="[bias mode] tuning fine-tuning", disable=not progress):
