@@ -493,7 +493,6 @@ def main():
                                 "alloc = temp + output bytes, peak = alloc + argument bytes")
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "result.json"), report)
-    finished.clear()
 
     # ---- plot
     plt = pyplot()
@@ -552,6 +551,7 @@ def main():
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "hyperflow.png"), dpi=110)
+    finished.clear()  # only now: a run that fails while plotting resumes with every finished part
 
     print(format_table(("src", "method", "accuracy +- 95% CI", "time ms", "alloc KiB", "peak KiB"), rows))
     for source, r in results.items():

@@ -249,7 +249,6 @@ def main():
               "experiment_2": exp2, "experiment_2_summary": summary2, "goals": goals}
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "result.json"), report)
-    finished.clear()
 
     rows = []
     labels2 = {"init": "base B (fine-tune B itself)", "naive": "naive", "FGMT": "FGMT", "GMT": "GMT"}
@@ -295,6 +294,7 @@ def main():
     axes[2].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "learning_transfer.png"), dpi=100)
+    finished.clear()  # only now: a run that fails while plotting resumes with every finished part
 
 
 if __name__ == "__main__":
