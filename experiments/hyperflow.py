@@ -223,8 +223,8 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
     print(f"[bias mode] backbone {out['backbone']} pretrained: test accuracy {pre['test_accuracy']:.3f} "
           f"({pre['seconds']:.1f} s)")
 
-    def backbone_features(b, x):  # features of a backbone with all its parameters (full fine-tuning's output)
-        return hb.features(b, hb.get_biases(b), x) if conv else hf.features(b, x, hidden)
+    # features of a backbone with all its parameters (full fine-tuning's output)
+    backbone_features = hb.backbone_features if conv else functools.partial(hf.features, hidden=hidden)
 
     def acc(fn, tasks, *extra):
         th = jax.jit(jax.vmap(functools.partial(fn, *extra, backbone)))(tasks["support_x"], tasks["support_y"])
@@ -242,8 +242,8 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
                                               ways=WAYS, scale=scale)
 
     def full_fn(lr, steps):
-        return lambda bb, sx, sy: hf.finetune_full(bb, sx, sy, lr=lr, num_steps=steps, hidden=hidden, ways=WAYS,
-                                                   scale=scale, features_fn=backbone_features)
+        return lambda bb, sx, sy: hf.finetune_full(bb, sx, sy, lr=lr, num_steps=steps, ways=WAYS, scale=scale,
+                                                   features_fn=backbone_features)
 
     grid = {}
     for setting in progress_bar(cfg["bias_settings"], desc="[bias mode] tuning fine-tuning", disable=not progress):

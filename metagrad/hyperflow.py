@@ -406,13 +406,18 @@ def finetune_head(backbone, support_x, support_y, *, lr, num_steps, hidden, ways
     return lax.fori_loop(0, num_steps, lambda t, s: finetune_step(s, meta, t), {"head": head})["head"]
 
 
-def finetune_full(backbone, support_x, support_y, *, lr, num_steps, hidden, ways, scale, features_fn=None):
+def finetune_full(backbone, support_x, support_y, *, lr, num_steps, ways, scale, hidden=None, features_fn=None):
     """Baseline: gradient descent on every parameter (backbone and head) from the prototype head.
 
-    ``features_fn(backbone, x)`` gives the features of another kind of backbone
-    (default: the MLP of :func:`features` with widths ``hidden``).
+    The features are the MLP's of :func:`features` with widths ``hidden``, or
+    ``features_fn(backbone, x)`` for another kind of backbone (e.g.
+    :func:`metagrad.hyperflow_bias.backbone_features` for a 1-D CNN).
     """
-    features_fn = (lambda b, x: features(b, x, hidden)) if features_fn is None else features_fn
+    if features_fn is None:
+        if hidden is None:
+            raise ValueError("finetune_full needs the MLP's hidden widths (hidden=) or, for another backbone, its "
+                             "features function (features_fn=).")
+        features_fn = lambda b, x: features(b, x, hidden)  # noqa: E731
     y1h = jax.nn.one_hot(support_y, ways)
     head = prototype_head(features_fn(backbone, support_x), y1h, scale)
 

@@ -167,6 +167,12 @@ def features(backbone, biases, x):
     return forward(backbone, biases, x)[2]
 
 
+def backbone_features(backbone, x):
+    """:func:`features` of a backbone under its own biases: what the head reads once every parameter has been
+    fine-tuned (``features_fn`` of :func:`metagrad.hyperflow.finetune_full` for a 1-D CNN)."""
+    return features(backbone, get_biases(backbone), x)
+
+
 def support_features(backbone, biases, x):
     """:func:`features` for passes that take no derivative: a 1-D CNN's come from :func:`pooled_forward`, one
     example at a time (an MLP's from :func:`forward`)."""

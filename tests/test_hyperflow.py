@@ -398,16 +398,15 @@ def test_full_finetuning_of_a_conv_backbone_lowers_the_loss_and_moves_every_kern
     x = jnp.asarray(np.random.default_rng(4).normal(size=(6, 40)), jnp.float32)
     y1h = jax.nn.one_hot(jnp.asarray([0, 0, 1, 1, 2, 2]), 3)
 
-    def conv_features(b, xx):
-        return hb.features(b, hb.get_biases(b), xx)
-
-    tuned = hf.finetune_full(backbone, x, jnp.argmax(y1h, -1), lr=0.1, num_steps=3, hidden=None, ways=3, scale=10.0,
-                             features_fn=conv_features)
-    start = hf.prototype_head(conv_features(backbone, x), y1h, 10.0)
-    assert float(hf.head_loss(tuned["head"], conv_features(tuned["backbone"], x), y1h)) < float(
-        hf.head_loss(start, conv_features(backbone, x), y1h))
+    tuned = hf.finetune_full(backbone, x, jnp.argmax(y1h, -1), lr=0.1, num_steps=3, ways=3, scale=10.0,
+                             features_fn=hb.backbone_features)
+    start = hf.prototype_head(hb.backbone_features(backbone, x), y1h, 10.0)
+    assert float(hf.head_loss(tuned["head"], hb.backbone_features(tuned["backbone"], x), y1h)) < float(
+        hf.head_loss(start, hb.backbone_features(backbone, x), y1h))
     for name in backbone:
         assert float(jnp.max(jnp.abs(tuned["backbone"][name]["kernel"] - backbone[name]["kernel"]))) > 0
+    with pytest.raises(ValueError, match="features_fn="):  # neither the MLP's widths nor a features function
+        hf.finetune_full(backbone, x, jnp.argmax(y1h, -1), lr=0.1, num_steps=3, ways=3, scale=10.0)
 
 
 @pytest.mark.parametrize("support", ["live", "encoded"])
