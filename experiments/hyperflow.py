@@ -261,21 +261,27 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
 
     # ---- meta-train the two drifts on simulated (biases, head) fine-tuning trajectories
     mt = {k: v[:cfg["bias_meta_tasks"]] for k, v in meta_tasks.items()}
-    tic = time.perf_counter()
-    traj = hb.simulate_trajectories(backbone, jnp.asarray(mt["support_x"]), jnp.asarray(mt["support_y"]),
-                                    jax.random.key(0), lr_bias, lr_head, num_steps=steps, num_knots=10,
-                                    num_starts=cfg["bias_starts"], ways=WAYS, scale=scale)
-    jax.block_until_ready(traj)
-    sim_seconds = time.perf_counter() - tic
+    simulated = {}  # the trajectories, simulated only when a drift is not in the resume record
+
+    def trajectories():
+        if not simulated:
+            tic = time.perf_counter()
+            simulated["traj"] = jax.block_until_ready(hb.simulate_trajectories(
+                backbone, jnp.asarray(mt["support_x"]), jnp.asarray(mt["support_y"]), jax.random.key(0), lr_bias,
+                lr_head, num_steps=steps, num_knots=10, num_starts=cfg["bias_starts"], ways=WAYS, scale=scale))
+            simulated["seconds"] = time.perf_counter() - tic
+        return simulated["traj"], simulated["seconds"]
+
     drifts, out["meta_training"], out["tuning_hyperflow"], picks = {}, {}, {}, {}
     for support in hb.SUPPORT_MODES:
         dcfg0 = hb.BiasDriftConfig(head=hf.DriftConfig(ways=WAYS, hidden=64, scale=scale),
                                    hidden=cfg["bias_drift_hidden"], support=support)
         key = f"bias_mode/drift_{support}"
         if finished.get(key) is None:
-            phi, dcfg, record = meta_train_bias_drift(cfg, traj, backbone, dcfg0, mt["query_x"], progress)
+            phi, dcfg, record = meta_train_bias_drift(cfg, trajectories()[0], backbone, dcfg0, mt["query_x"],
+                                                      progress)
             finished.put(key, save_drift(phi, dcfg, record, {
-                "simulation_seconds": sim_seconds, "tasks": len(mt["support_x"]), "starts": cfg["bias_starts"],
+                "simulation_seconds": trajectories()[1], "tasks": len(mt["support_x"]), "starts": cfg["bias_starts"],
                 "knots": 10, "iterations": cfg["bias_meta_iters"], "interpolations": ("linear",),
                 "emulated_run": {"steps": steps, "lr_head": lr_head, "lr_bias": lr_bias}}))
         else:
@@ -292,8 +298,9 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
         out["tuning_hyperflow"][support] = [{"euler_steps": n, "accuracy": v} for n, v in hf_grid.items()]
         picks[support] = (best_setting(hf_grid, hf_grid, lambda n: n), hf_fn)
         print(f"[bias mode] {support} drift: meta-training {out['meta_training'][support]['seconds']:.1f} s "
-              f"(simulation {sim_seconds:.1f} s); Euler steps picked: {picks[support][0]} (tuning {hf_grid})")
-    del traj
+              f"(simulation {out['meta_training'][support]['simulation_seconds']:.1f} s); Euler steps picked: "
+              f"{picks[support][0]} (tuning {hf_grid})")
+    simulated.clear()  # free the trajectories before the evaluation
 
     methods = {
         "no adaptation (pretrained biases, prototypes)": (proto_fn, ()),
