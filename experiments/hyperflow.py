@@ -59,7 +59,7 @@ import metagrad as mg
 from metagrad import hyperflow as hf
 from metagrad import hyperflow_bias as hb
 from metagrad.progress import progress_bar
-from metagrad.report import FinishedParts, format_table, pyplot, write_json
+from metagrad.report import FinishedParts, LoopProgress, format_table, pyplot, write_json
 
 WAYS, SHOTS, QUERIES = 5, 5, 15
 # bias mode: GD fine-tuning (steps, head LR, bias LR) grid, tuned on the tuning episodes
@@ -181,18 +181,24 @@ def load_drift(saved, dcfg0, layers):
     return phi, dcfg, saved["meta_training"]
 
 
-def meta_train_bias_drift(cfg, traj, backbone, dcfg0, query_x, progress):
-    """Velocity regression, then rollout refinement, of one bias-mode drift; returns ``(phi, config, record)``."""
+def meta_train_bias_drift(cfg, traj, backbone, dcfg0, query_x, progress, finished, key):
+    """Velocity regression, then rollout refinement, of one bias-mode drift; returns ``(phi, config, record)``.
+
+    Both loops keep their progress in ``finished`` (under ``key``), so a run killed mid-way resumes there."""
     tic = time.perf_counter()
+    stages = {stage: LoopProgress(finished, f"{key}/{stage}_progress") for stage in ("regression", "refinement")}
     phi, dcfg, history = hb.meta_train(traj, backbone, dcfg0, num_iters=cfg["bias_meta_iters"], batch_tasks=32,
-                                       learning_rate=3e-3, progress=progress)
+                                       learning_rate=3e-3, progress=progress, checkpoint=stages["regression"])
     regressed_fit = hb.per_leaf_fit(phi, dcfg, traj, backbone)
     phi, rollout_history = hb.refine_on_rollouts(phi, dcfg, traj, backbone, jnp.asarray(query_x),
                                                  num_euler=cfg["bias_rollout_euler"],
-                                                 num_iters=cfg["bias_rollout_iters"], progress=progress)
+                                                 num_iters=cfg["bias_rollout_iters"], progress=progress,
+                                                 checkpoint=stages["refinement"])
     jax.block_until_ready(phi)
+    seconds = time.perf_counter() - tic + sum(st.earlier_seconds for st in stages.values())
     return phi, dcfg, {
-        "fit_seconds": time.perf_counter() - tic, "drift_parameters": int(sum(a.size for a in jax.tree.leaves(phi))),
+        "fit_seconds": seconds, "drift_parameters": int(sum(a.size for a in jax.tree.leaves(phi))),
+        "resumed_at_chunk": {stage: st.resumed_from for stage, st in stages.items()},
         "loss_history": history, "per_leaf_relative_error_after_regression": regressed_fit,
         "per_leaf_relative_error": hb.per_leaf_fit(phi, dcfg, traj, backbone),
         "rollout_refinement": {"euler_steps": cfg["bias_rollout_euler"], "iterations": cfg["bias_rollout_iters"],
@@ -279,11 +285,13 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
         key = f"bias_mode/drift_{support}"
         if finished.get(key) is None:
             phi, dcfg, record = meta_train_bias_drift(cfg, trajectories()[0], backbone, dcfg0, mt["query_x"],
-                                                      progress)
+                                                      progress, finished, key)
             finished.put(key, save_drift(phi, dcfg, record, {
                 "simulation_seconds": trajectories()[1], "tasks": len(mt["support_x"]), "starts": cfg["bias_starts"],
                 "knots": 10, "iterations": cfg["bias_meta_iters"], "interpolations": ("linear",),
                 "emulated_run": {"steps": steps, "lr_head": lr_head, "lr_bias": lr_bias}}))
+            for stage in ("regression", "refinement"):  # the drift is saved: its loops' progress is not needed
+                finished.drop(f"{key}/{stage}_progress")
         else:
             print(f"[bias mode] {support}-support drift read from {finished.path} (meta-trained by an earlier run)")
         # From here on the drift is the saved one, in a fresh run too (its float32 values survive JSON exactly).

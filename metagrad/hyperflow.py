@@ -538,12 +538,17 @@ def interpolated_sample(knots, task, start, s, kind_index, kinds):
 
 
 def regress_drift(sample_loss, phi, *, num_tasks, num_starts, num_kinds, batch_tasks, learning_rate, num_iters,
-                  seed, chunk, progress, desc):
+                  seed, chunk, progress, desc, checkpoint=None):
     """Adam (cosine-decayed LR) on ``sample_loss(phi, task, start, s, kind)`` averaged over random draws.
 
     Each iteration draws ``batch_tasks`` distinct tasks and, per task, a start,
     a time ``s ~ U[0, 1]`` and an interpolation kind; ``chunk`` iterations run
     in one compiled ``lax.scan``. Returns ``(phi, history)``: the mean loss of each chunk.
+
+    ``checkpoint`` (e.g. :class:`metagrad.report.LoopProgress`) keeps the
+    progress after each chunk, ``(chunks done, (phi, Adam state), history)``,
+    and a run given the progress of a killed one continues from it; the draws
+    depend on the iteration index only, so the result equals an uninterrupted run's.
     """
     batch_tasks = min(batch_tasks, num_tasks)
     opt = optax.adam(optax.cosine_decay_schedule(learning_rate, num_iters, 0.05))
@@ -568,10 +573,15 @@ def regress_drift(sample_loss, phi, *, num_tasks, num_starts, num_kinds, batch_t
         (phi, opt_state), losses = lax.scan(body, (phi, opt_state), start + jnp.arange(chunk))
         return phi, opt_state, losses
 
-    history = []
-    for c in progress_bar(range(-(-num_iters // chunk)), desc=desc, disable=not progress):
+    done, history, num_chunks = 0, [], -(-num_iters // chunk)
+    saved = None if checkpoint is None else checkpoint.load((phi, opt_state))
+    if saved is not None:
+        done, (phi, opt_state), history = saved
+    for c in progress_bar(range(done, num_chunks), total=num_chunks, initial=done, desc=desc, disable=not progress):
         phi, opt_state, losses = run_chunk(phi, opt_state, c * chunk)
         history.append(float(jnp.mean(losses)))
+        if checkpoint is not None:
+            checkpoint.save(c + 1, (phi, opt_state), history, last=c + 1 == num_chunks)
     return phi, history
 
 

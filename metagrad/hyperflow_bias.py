@@ -515,13 +515,14 @@ def simulate_trajectories(backbone, support_x, support_y, key, lr_bias, lr_head,
 
 
 def meta_train(trajectories, backbone, config: BiasDriftConfig, *, num_iters=2000, batch_tasks=32,
-               learning_rate=3e-3, interpolations=("linear",), seed=0, chunk=100, progress=True):
+               learning_rate=3e-3, interpolations=("linear",), seed=0, chunk=100, progress=True, checkpoint=None):
     """Regress ``h_phi`` on the velocities of interpolated (biases, head) trajectories.
 
     Loss per sample: squared error of each leaf's predicted velocity (each
     layer's biases, the head's kernel, the head's bias) in units of that leaf's
     RMS straight-path velocity, averaged over the leaves: the head's bias moves
     the logits directly, so it is not left to be swamped by the kernel. Returns ``(phi, config, history)``.
+    ``checkpoint``: see :func:`metagrad.hyperflow.regress_drift` (a killed run resumes mid-way).
     """
     x, y, knots = trajectories["x"], trajectories["y"], trajectories["knots"]
     ways = config.head.ways
@@ -543,7 +544,7 @@ def meta_train(trajectories, backbone, config: BiasDriftConfig, *, num_iters=200
     phi, history = hf.regress_drift(sample_loss, init_drift(jax.random.key(seed), config, layers),
                                     num_tasks=num_tasks, num_starts=num_starts, num_kinds=len(kinds),
                                     batch_tasks=batch_tasks, learning_rate=learning_rate, num_iters=num_iters,
-                                    seed=seed, chunk=chunk, progress=progress,
+                                    seed=seed, chunk=chunk, progress=progress, checkpoint=checkpoint,
                                     desc="meta-training h_phi (biases + head)")
     return phi, config, history
 
@@ -563,7 +564,7 @@ def _parameter_error(theta, target, rms):
 
 def refine_on_rollouts(phi, config: BiasDriftConfig, trajectories, backbone, query_x, *, num_euler=5,
                        num_iters=2000, batch_tasks=32, learning_rate=1e-3, parameter_weight=0.1, seed=3, chunk=100,
-                       progress=True):
+                       progress=True, checkpoint=None):
     """Fine-tune a regressed drift end to end through its own Euler integration (an addition to the paper).
 
     Velocity regression (:func:`meta_train`, Sec. 3.2 of the paper) fits
@@ -584,7 +585,7 @@ def refine_on_rollouts(phi, config: BiasDriftConfig, trajectories, backbone, que
 
     ``trajectories`` is :func:`simulate_trajectories`'s output (its number of
     knots must be a multiple of ``num_euler``), ``query_x`` the tasks' query
-    inputs ``(B, Q, ...)``. Returns ``(phi, history)``.
+    inputs ``(B, Q, ...)``. Returns ``(phi, history)``. ``checkpoint``: as in :func:`meta_train`.
     """
     x, y, knots = trajectories["x"], trajectories["y"], trajectories["knots"]
     hf.check_rollout_steps(jax.tree.leaves(knots)[0].shape[2] - 1, num_euler)
@@ -602,7 +603,7 @@ def refine_on_rollouts(phi, config: BiasDriftConfig, trajectories, backbone, que
 
     return hf.regress_drift(sample_loss, phi, num_tasks=x.shape[0], num_starts=jax.tree.leaves(knots)[0].shape[1],
                             num_kinds=1, batch_tasks=batch_tasks, learning_rate=learning_rate, num_iters=num_iters,
-                            seed=seed, chunk=chunk, progress=progress,
+                            seed=seed, chunk=chunk, progress=progress, checkpoint=checkpoint,
                             desc=f"refining h_phi on {num_euler}-step rollouts")
 
 

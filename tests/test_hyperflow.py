@@ -442,3 +442,49 @@ def test_conv_backbone_adapts_without_gradient_in_memory_that_does_not_hold_the_
     growth = {name: alloc_bytes(fn, 640) - alloc_bytes(fn, 40) for name, fn in (("flow", flow), ("gd", descent))}
     assert growth["gd"] > 12 * 600 * 8 * 4, growth  # at least one layer's activations of all 12 examples
     assert growth["flow"] < growth["gd"] / 4, growth
+
+
+def test_drift_regression_killed_mid_way_resumes_from_its_saved_progress_to_the_same_drift(tmp_path):
+    """``regress_drift(checkpoint=LoopProgress(...))``: a run killed after 2 of 5 chunks, restarted from the record a
+    fresh ``FinishedParts`` reads back, ends bit for bit where an uninterrupted run does, without redoing a chunk."""
+    from metagrad.report import FinishedParts, LoopProgress
+
+    target = jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3)
+
+    def sample_loss(phi, task, r, s, kind):
+        return jnp.sum((jnp.tanh(phi["w"]) * phi["b"] - 0.1 * target * (task + 1) * s) ** 2)
+
+    phi0 = {"w": jnp.full((2, 3), 0.3, jnp.float32), "b": jnp.ones((3,), jnp.float32)}
+    settings = dict(num_tasks=4, num_starts=1, num_kinds=1, batch_tasks=2, learning_rate=0.05, num_iters=50, seed=0,
+                    chunk=10, progress=False, desc="test")
+
+    whole, whole_history = hf.regress_drift(sample_loss, phi0, **settings)
+
+    class Killed(Exception):
+        pass
+
+    class KilledAfterTwoChunks(LoopProgress):
+        def save(self, done, state, history, *, last=False):
+            super().save(done, state, history, last=last)
+            if done == 2:
+                raise Killed
+
+    path, record = str(tmp_path / "finished.json"), {"run": "test"}
+    with pytest.raises(Killed):
+        hf.regress_drift(sample_loss, phi0, checkpoint=KilledAfterTwoChunks(FinishedParts(path, record), "drift",
+                                                                            every_seconds=0.0), **settings)
+    progress = LoopProgress(FinishedParts(path, record), "drift", every_seconds=0.0)
+    saved = []
+    progress.save = lambda done, state, history, last=False, _save=progress.save: (
+        saved.append(done), _save(done, state, history, last=last))[-1]
+    resumed, resumed_history = hf.regress_drift(sample_loss, phi0, checkpoint=progress, **settings)
+    assert progress.resumed_from == 2 and saved == [3, 4, 5]  # the 2 finished chunks are not run again
+    assert resumed_history == whole_history
+    for name in whole:
+        np.testing.assert_array_equal(np.asarray(resumed[name]), np.asarray(whole[name]))
+    parts = FinishedParts(path, record)  # once the loop's result is saved, its progress can be dropped
+    parts.drop("drift")
+    assert FinishedParts(path, record).get("drift") is None
+    # a record of another loop's shape is refused with a message that says what to do
+    with pytest.raises(ValueError, match="--fresh"):
+        LoopProgress(FinishedParts(path, record), "drift").load({"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)})
