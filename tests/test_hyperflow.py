@@ -482,9 +482,9 @@ def test_drift_regression_killed_mid_way_resumes_from_its_saved_progress_to_the_
     assert resumed_history == whole_history
     for name in whole:
         np.testing.assert_array_equal(np.asarray(resumed[name]), np.asarray(whole[name]))
-    parts = FinishedParts(path, record)  # once the loop's result is saved, its progress can be dropped
-    parts.drop("drift")
-    assert FinishedParts(path, record).get("drift") is None
     # a record of another loop's shape is refused with a message that says what to do
     with pytest.raises(ValueError, match="--fresh"):
         LoopProgress(FinishedParts(path, record), "drift").load({"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)})
+    parts = FinishedParts(path, record)  # once the loop's result is saved, its progress can be dropped
+    parts.drop("drift")
+    assert FinishedParts(path, record).get("drift") is None
