@@ -473,10 +473,13 @@ def test_drift_regression_killed_mid_way_resumes_from_its_saved_progress_to_the_
     with pytest.raises(Killed):
         hf.regress_drift(sample_loss, phi0, checkpoint=KilledAfterTwoChunks(FinishedParts(path, record), "drift",
                                                                             every_seconds=0.0), **settings)
-    progress = LoopProgress(FinishedParts(path, record), "drift", every_seconds=0.0)
+    class CountedSaves(LoopProgress):
+        def save(self, done, state, history, *, last=False):
+            saved.append(done)
+            super().save(done, state, history, last=last)
+
     saved = []
-    progress.save = lambda done, state, history, last=False, _save=progress.save: (
-        saved.append(done), _save(done, state, history, last=last))[-1]
+    progress = CountedSaves(FinishedParts(path, record), "drift", every_seconds=0.0)
     resumed, resumed_history = hf.regress_drift(sample_loss, phi0, checkpoint=progress, **settings)
     assert progress.resumed_from == 2 and saved == [3, 4, 5]  # the 2 finished chunks are not run again
     assert resumed_history == whole_history
