@@ -59,7 +59,7 @@ import metagrad as mg
 from metagrad import hyperflow as hf
 from metagrad import hyperflow_bias as hb
 from metagrad.progress import progress_bar
-from metagrad.report import FinishedParts, LoopProgress, format_table, pyplot, write_json
+from metagrad.report import FinishedParts, LoopProgress, format_table, pyplot, tree_from_json, tree_to_json, write_json
 
 WAYS, SHOTS, QUERIES = 5, 5, 15
 # bias mode: GD fine-tuning (steps, head LR, bias LR) grid, tuned on the tuning episodes
@@ -166,19 +166,24 @@ def save_drift(phi, dcfg, record, meta_training) -> dict:
     :func:`meta_train_bias_drift`, merged into ``meta_training``, with the total seconds)."""
     meta_training = {"seconds": meta_training["simulation_seconds"] + record["fit_seconds"], **meta_training,
                      **{k: v for k, v in record.items() if k != "fit_seconds"}}
-    return {"leaves": [np.asarray(a).tolist() for a in jax.tree.leaves(phi)],
+    return {"leaves": tree_to_json(phi),
             "velocity_scale": dcfg.head.velocity_scale, "bias_scales": list(dcfg.bias_scales),
             "head_scales": [list(kv) for kv in dcfg.head_scales], "meta_training": meta_training}
 
 
 def load_drift(saved, dcfg0, layers):
     """The inverse of :func:`save_drift` for a drift built from ``dcfg0`` for a ``layers``-layer backbone."""
-    structure = jax.tree.structure(hb.init_drift(jax.random.key(0), dcfg0, layers))
-    phi = jax.tree.unflatten(structure, [jnp.asarray(np.asarray(v, np.float32)) for v in saved["leaves"]])
+    phi = jax.tree.map(jnp.asarray, tree_from_json(saved["leaves"], hb.init_drift(jax.random.key(0), dcfg0, layers),
+                                                   "a saved drift"))
     dcfg = dataclasses.replace(dcfg0, head=dataclasses.replace(dcfg0.head, velocity_scale=saved["velocity_scale"]),
                                bias_scales=tuple(saved["bias_scales"]),
                                head_scales=tuple((k, v) for k, v in saved["head_scales"]))
     return phi, dcfg, saved["meta_training"]
+
+
+def drift_progress_keys(key):
+    """Where the two meta-training loops of the drift saved under ``key`` keep their progress until it is saved."""
+    return {stage: f"{key}/{stage}_progress" for stage in ("regression", "refinement")}
 
 
 def meta_train_bias_drift(cfg, traj, backbone, dcfg0, query_x, progress, finished, key):
@@ -186,7 +191,7 @@ def meta_train_bias_drift(cfg, traj, backbone, dcfg0, query_x, progress, finishe
 
     Both loops keep their progress in ``finished`` (under ``key``), so a run killed mid-way resumes there."""
     tic = time.perf_counter()
-    stages = {stage: LoopProgress(finished, f"{key}/{stage}_progress") for stage in ("regression", "refinement")}
+    stages = {stage: LoopProgress(finished, progress_key) for stage, progress_key in drift_progress_keys(key).items()}
     phi, dcfg, history = hb.meta_train(traj, backbone, dcfg0, num_iters=cfg["bias_meta_iters"], batch_tasks=32,
                                        learning_rate=3e-3, progress=progress, checkpoint=stages["regression"])
     regressed_fit = hb.per_leaf_fit(phi, dcfg, traj, backbone)
@@ -290,8 +295,8 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
                 "simulation_seconds": trajectories()[1], "tasks": len(mt["support_x"]), "starts": cfg["bias_starts"],
                 "knots": 10, "iterations": cfg["bias_meta_iters"], "interpolations": ("linear",),
                 "emulated_run": {"steps": steps, "lr_head": lr_head, "lr_bias": lr_bias}}))
-            for stage in ("regression", "refinement"):  # the drift is saved: its loops' progress is not needed
-                finished.drop(f"{key}/{stage}_progress")
+            for progress_key in drift_progress_keys(key).values():  # the drift is saved: no need for its progress
+                finished.drop(progress_key)
         else:
             print(f"[bias mode] {support}-support drift read from {finished.path} (meta-trained by an earlier run)")
         # From here on the drift is the saved one, in a fresh run too (its float32 values survive JSON exactly).

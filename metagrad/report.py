@@ -149,6 +149,34 @@ class FinishedParts:
             os.remove(self.path)
 
 
+def tree_to_json(tree) -> list:
+    """A pytree's leaves as nested lists, for JSON (float32 values survive the round trip exactly)."""
+    import jax
+
+    return [np.asarray(a).tolist() for a in jax.tree.leaves(tree)]
+
+
+def tree_from_json(leaves: list, template, what: str):
+    """The inverse of :func:`tree_to_json`: numpy leaves with the structure, shapes and dtypes of ``template``.
+
+    A record that does not fit the template (another model or loop) raises a ``ValueError`` that starts with
+    ``what`` (the record's name) and says to start over with ``--fresh``.
+    """
+    import jax
+
+    like, treedef = jax.tree.flatten(template)
+    if len(leaves) != len(like):
+        raise ValueError(f"{what} holds {len(leaves)} arrays, this run {len(like)}: pass --fresh to start over.")
+    restored = []
+    for value, t in zip(leaves, like):
+        array = np.asarray(value, dtype=t.dtype)
+        if array.shape != t.shape:
+            raise ValueError(f"{what} holds an array of shape {array.shape} where this run has {t.shape}: pass "
+                             "--fresh to start over.")
+        restored.append(array)
+    return jax.tree.unflatten(treedef, restored)
+
+
 class LoopProgress:
     """The progress of one long loop, kept as a part of a :class:`FinishedParts` record so a killed run resumes
     mid-loop instead of from its start (e.g. the meta-training of a drift network: over an hour on a CPU).
@@ -170,32 +198,18 @@ class LoopProgress:
         return self.earlier_seconds + time.perf_counter() - self._tic
 
     def load(self, template):
-        import jax
-
         self._tic = time.perf_counter()
         saved = self.finished.get(self.key)
         if saved is None:
             return None
-        leaves, treedef = jax.tree.flatten(template)
-        if len(saved["leaves"]) != len(leaves):
-            raise ValueError(f"{self.finished.path}: the saved progress of {self.key!r} holds {len(saved['leaves'])} "
-                             f"arrays, this loop {len(leaves)}: pass --fresh to start over.")
-        restored = []
-        for value, like in zip(saved["leaves"], leaves):
-            array = np.asarray(value, dtype=like.dtype)
-            if array.shape != like.shape:
-                raise ValueError(f"{self.finished.path}: the saved progress of {self.key!r} holds an array of shape "
-                                 f"{array.shape} where this loop has {like.shape}: pass --fresh to start over.")
-            restored.append(array)
+        state = tree_from_json(saved["leaves"], template, f"{self.finished.path}: the saved progress of {self.key!r}")
         self.resumed_from, self.earlier_seconds = int(saved["done"]), float(saved["seconds"])
-        return self.resumed_from, jax.tree.unflatten(treedef, restored), list(saved["history"])
+        return self.resumed_from, state, list(saved["history"])
 
     def save(self, done: int, state, history, *, last: bool = False) -> None:
-        import jax
-
         now = time.perf_counter()
         if not last and now - self._last_save < self.every_seconds:
             return
         self._last_save = now
         self.finished.put(self.key, {"done": int(done), "seconds": self.seconds, "history": list(history),
-                                     "leaves": [np.asarray(a).tolist() for a in jax.tree.leaves(state)]})
+                                     "leaves": tree_to_json(state)})
