@@ -354,7 +354,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a reduced size: a pipeline check (2-3 min)")
     parser.add_argument("--bias-backbone", choices=("mlp", "conv"), default="mlp",
                         help="the bias mode's backbone: an MLP 40-512-64 (default) or a 1-D CNN of 3 x 32 channels "
-                             "(meta-training at a reduced size: about 2.5 h on a 2-core CPU)")
+                             "(meta-training at a reduced size: about 3.5 h on a 2-core CPU)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: experiments/results/hyperflow, or hyperflow_conv for "
                              "--bias-backbone conv)")
