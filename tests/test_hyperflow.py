@@ -389,6 +389,24 @@ def test_conv_backbone_forward_matches_flax_and_its_pooled_pass():
         hb.layer_names({"Conv_0": backbone["Conv_0"], "Conv_2": backbone["Conv_1"]})
 
 
+@pytest.mark.parametrize("width", [1, 4, 5])
+def test_conv_by_shifted_products_equals_xlas_convolution_and_its_gradients(width):
+    """``conv_same`` (the backbone's convolution: a sum of shifted matrix products) is ``lax``'s ``SAME``
+    convolution, odd and even kernel widths, values and both input and kernel gradients (float64)."""
+    from metagrad import hyperflow_bias as hb
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(width)
+        h = jnp.asarray(rng.normal(size=(3, 11, 4)))
+        kernel = jnp.asarray(rng.normal(size=(width, 4, 6)))
+        weights = jnp.asarray(rng.normal(size=(3, 11, 6)))
+        np.testing.assert_allclose(hb.conv_same(h, kernel), hb.conv_same_xla(h, kernel), rtol=1e-12, atol=1e-12)
+        grads = [jax.grad(lambda a, b: jnp.sum(weights * jnp.tanh(conv(a, b))), (0, 1))(h, kernel)
+                 for conv in (hb.conv_same, hb.conv_same_xla)]
+        for ours, reference in zip(*grads):
+            np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
+
+
 def test_full_finetuning_of_a_conv_backbone_lowers_the_loss_and_moves_every_kernel():
     """The full fine-tuning baseline of the CNN bias mode: ``hf.finetune_full`` with the CNN's features."""
     from metagrad import hyperflow_bias as hb
