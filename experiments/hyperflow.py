@@ -1,6 +1,7 @@
 """HyperFlow vs fine-tuning on few-shot MNIST-1D tasks (5-way 5-shot).
 
-    python experiments/hyperflow.py [--quick] [--fresh] [--bias-backbone {mlp,conv}] [--out FOLDER]
+    python experiments/hyperflow.py [--quick] [--fresh] [--bias-backbone {mlp,conv}] [--conv-meta {reduced,full}]
+                                    [--out FOLDER]
 
 Kim, Kim & Hong, arXiv 2504.15323. An MLP backbone is pretrained on MNIST-1D
 classes 0-4; the drift network is meta-trained on 5-way tasks over held-out
@@ -32,9 +33,14 @@ on the tuning episodes goes to the setting with fewer steps.
 
 ``--bias-backbone conv`` runs the bias mode on a 1-D CNN (3 SAME convolutions
 of 32 channels, kernel 5, averaged over positions; :class:`hb.ConvBackbone`)
-instead of the MLP, with a wider GD learning-rate grid and meta-training at a
-reduced size (512 tasks, 800 regression and 1,000 refinement iterations), and
-writes to ``experiments/results/hyperflow_conv``.
+instead of the MLP, with a wider GD learning-rate grid, up to 16 Euler steps,
+and meta-training at a reduced size (512 tasks, 800 regression and 1,000
+refinement iterations), and writes to ``experiments/results/hyperflow_conv``;
+with ``--conv-meta full``, at the MLP's size (1,024 tasks, 3,000 and 2,000), to
+``experiments/results/hyperflow_conv_full``. On a CNN every method's adaptation
+cost is measured with both implementations of the convolution
+(``hb.conv_same``'s shifted products, fast on a CPU, and XLA's convolution,
+leaner in memory) and each figure is the method's best of the two.
 
 Each meta-trained bias-mode drift (minutes each) is saved at once under
 ``--out`` (``finished_drifts.json``, removed when the run completes), so a
@@ -45,6 +51,7 @@ source resumes after it (``--fresh`` starts over).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import os
@@ -66,7 +73,7 @@ WAYS, SHOTS, QUERIES = 5, 5, 15
 BIAS_SETTINGS = tuple((s, lh, lb) for s in (30, 100) for lh in (3.0, 10.0) for lb in (1.0, 3.0, 10.0))
 BIAS_META_ITERS = 3000
 # bias mode on a 1-D CNN backbone (--bias-backbone conv): head LRs 1 and 3 (in a dev check, head LR 10 fell far
-# below 3 on this backbone), and a reduced meta-training size in main() (one drift iteration costs about 1 s here)
+# below 3 on this backbone)
 CONV_BIAS_SETTINGS = tuple((s, lh, lb) for s in (30, 100) for lh in (1.0, 3.0) for lb in (1.0, 3.0, 10.0))
 BASE, NOVEL = tuple(range(5)), tuple(range(5, 10))
 
@@ -116,7 +123,41 @@ def cost_per_episode(fn, args, tasks, num_timed):
             "peak_bytes": int(mem.temp_size_in_bytes + mem.output_size_in_bytes + mem.argument_size_in_bytes)}
 
 
-def compare_methods(methods, acc, backbone, test, num_timed, *, desc, progress):
+@contextlib.contextmanager
+def backbone_convolution(impl):
+    """Trace 1-D CNN backbones with ``impl`` as their convolution (:func:`hb.forward` reads ``hb.conv_same`` when
+    it is traced). JAX's caches are cleared on entry and exit, or a function traced under one convolution (the
+    jitted ``hb.adapt``) would be reused under the other."""
+    saved = hb.conv_same
+    hb.conv_same = impl
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        hb.conv_same = saved
+        jax.clear_caches()
+
+
+# A 1-D CNN's convolution, two ways (the same function): on a CPU the shifted products are 5-8x faster for
+# gradient descent, XLA's convolution keeps 2.5-3x less memory (experiments/benchmarks/conv1d_impl.py).
+CONVOLUTIONS = {"shifted products": hb.conv_same, "XLA convolution": hb.conv_same_xla}
+
+
+def best_cost(fn, args, tasks, num_timed, convolutions):
+    """:func:`cost_per_episode` under each of ``convolutions`` (name -> implementation; None: as the backbone is),
+    each figure the best of them (so every method is timed at its fastest and its memory is its leanest), with the
+    figures of each under ``"by_convolution"``."""
+    if not convolutions:
+        return cost_per_episode(fn, args, tasks, num_timed)
+    per = {}
+    for name, impl in convolutions.items():
+        with backbone_convolution(impl):
+            per[name] = cost_per_episode(fn, args, tasks, num_timed)
+    best = {k: min(c[k] for c in per.values()) for k in next(iter(per.values()))}
+    return {**best, "by_convolution": per}
+
+
+def compare_methods(methods, acc, backbone, test, num_timed, *, desc, progress, convolutions=None):
     """Time every method on single episodes and score it on every test source.
 
     ``methods``: name -> ``(adapt_fn, extra_args)`` in the order no adaptation,
@@ -124,10 +165,10 @@ def compare_methods(methods, acc, backbone, test, num_timed, *, desc, progress):
     ``acc(fn, tasks, *extra)`` gives per-episode accuracies. Returns
     ``(accs, costs, rows)``: accuracies per source and method, the cost per
     episode of each method and the table's rows (:func:`cost_ratios` compares
-    the costs).
+    the costs). ``convolutions``: see :func:`best_cost`.
     """
     names = list(methods)
-    costs = {name: cost_per_episode(fn, (*extra, backbone), test[next(iter(test))], num_timed)
+    costs = {name: best_cost(fn, (*extra, backbone), test[next(iter(test))], num_timed, convolutions)
              for name, (fn, extra) in progress_bar(methods.items(), desc=desc, disable=not progress)}
     accs, rows = {}, []
     for source, tasks in test.items():
@@ -307,7 +348,7 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
             return lambda p, bb, sx, sy: hb.adapt(p, bb, sx, sy, config=dcfg, num_steps=n)
 
         hf_grid = {n: float(acc(hf_fn(n), tuning, phi).mean())
-                   for n in sorted(set(cfg["euler_steps"]) | {cfg["bias_rollout_euler"]})}
+                   for n in sorted(set(cfg["bias_euler_steps"]) | {cfg["bias_rollout_euler"]})}
         out["tuning_hyperflow"][support] = [{"euler_steps": n, "accuracy": v} for n, v in hf_grid.items()]
         picks[support] = (best_setting(hf_grid, hf_grid, lambda n: n), hf_fn)
         print(f"[bias mode] {support} drift: meta-training {out['meta_training'][support]['seconds']:.1f} s "
@@ -325,7 +366,8 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
                                                                                          (drifts[support][0],))
     names = list(methods)
     accs_all, costs, rows = compare_methods(methods, acc, backbone, test, cfg["timed"],
-                                            desc="[bias mode] timing", progress=progress)
+                                            desc="[bias mode] timing", progress=progress,
+                                            convolutions=CONVOLUTIONS if conv else None)
     ratios = {support: cost_ratios(costs, names[1:3], name) for support, name in zip(picks, names[3:])}
     results = {}
     for source, accs in accs_all.items():
@@ -354,30 +396,37 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a reduced size: a pipeline check (2-3 min)")
     parser.add_argument("--bias-backbone", choices=("mlp", "conv"), default="mlp",
                         help="the bias mode's backbone: an MLP 40-512-64 (default) or a 1-D CNN of 3 x 32 channels "
-                             "(meta-training at a reduced size: about 3.5 h on a 2-core CPU)")
+                             "(meta-training at a reduced size by default, see --conv-meta)")
+    parser.add_argument("--conv-meta", choices=("reduced", "full"), default="reduced",
+                        help="with --bias-backbone conv: meta-train the drifts at a reduced size (512 tasks, 800 "
+                             "regression and 1,000 refinement iterations; default) or at the MLP's full size "
+                             "(1,024 tasks, 3,000 and 2,000; writes to hyperflow_conv_full)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: experiments/results/hyperflow, or hyperflow_conv for "
-                             "--bias-backbone conv)")
+                             "--bias-backbone conv, hyperflow_conv_full with --conv-meta full)")
     parser.add_argument("--fresh", action="store_true",
                         help="discard the drifts an earlier, unfinished run in --out left (it resumes by default)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     quick, progress = args.quick, not args.no_progress
     conv = args.bias_backbone == "conv"
-    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", "hyperflow_conv" if conv else "hyperflow")
+    folder = ("hyperflow_conv_full" if args.conv_meta == "full" else "hyperflow_conv") if conv else "hyperflow"
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", folder)
     cfg = dict(num_samples=20000, pretrain_steps=4000, meta_tasks=1024, meta_iters=3000, episodes=300,
                tuning_episodes=100, timed=100, head_lrs=(0.3, 1.0, 3.0, 10.0), head_steps=(10, 30, 100, 300),
                full_lrs=(0.03, 0.1, 0.3), full_steps=(10, 30, 100), euler_steps=(1, 2, 4, 8),
                bias_backbone="mlp", bias_hidden=(512, 64), bias_pretrain_steps=4000, bias_settings=BIAS_SETTINGS,
                bias_meta_tasks=1024, bias_starts=1, bias_meta_iters=BIAS_META_ITERS, bias_drift_hidden=16,
-               bias_rollout_euler=5, bias_rollout_iters=2000)
+               bias_rollout_euler=5, bias_rollout_iters=2000, bias_euler_steps=(1, 2, 4, 8))
     if conv:
         cfg.update(bias_backbone="conv", bias_channels=(32, 32, 32), bias_pretrain_steps=2000,
-                   bias_settings=CONV_BIAS_SETTINGS, bias_meta_tasks=512, bias_meta_iters=800, bias_rollout_iters=1000)
+                   bias_settings=CONV_BIAS_SETTINGS, bias_euler_steps=(1, 2, 4, 8, 16))
+        if args.conv_meta == "reduced":
+            cfg.update(bias_meta_tasks=512, bias_meta_iters=800, bias_rollout_iters=1000)
     if quick:
         cfg.update(num_samples=6000, pretrain_steps=1000, meta_tasks=256, meta_iters=600, episodes=60,
                    tuning_episodes=40, timed=20, head_lrs=(1.0, 3.0), head_steps=(30, 100), full_lrs=(0.1,),
-                   full_steps=(10, 30), euler_steps=(2, 4), bias_settings=((100, 10.0, 3.0), (30, 10.0, 3.0)),
+                   full_steps=(10, 30), euler_steps=(2, 4), bias_euler_steps=(2, 4), bias_settings=((100, 10.0, 3.0), (30, 10.0, 3.0)),
                    bias_meta_tasks=256, bias_meta_iters=300, bias_rollout_iters=200, bias_pretrain_steps=1000)
         if conv:
             cfg.update(bias_channels=(8, 8), bias_pretrain_steps=300, bias_settings=((30, 3.0, 1.0), (100, 3.0, 1.0)),
