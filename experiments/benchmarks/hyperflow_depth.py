@@ -23,7 +23,10 @@ ratios (> 1: HyperFlow cheaper).
 input, then the average over positions): there GD keeps every layer's
 (N, 40, width) activations, while HyperFlow's passes go one support example at a
 time and keep per-channel statistics, as the paper's vision transformers keep
-tokens x channels activations against a few hundred biases.
+tokens x channels activations against a few hundred biases. Each method's time
+and memory there are its best under the two implementations of the convolution
+(``hyperflow_bias.conv_same``'s shifted products, fast on a CPU, and XLA's
+convolution, leaner in memory; ``experiments/benchmarks/conv1d_impl.py``).
 """
 
 from __future__ import annotations
@@ -55,17 +58,23 @@ def main():
     from metagrad.report import format_table, write_json
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
-    from hyperflow import cost_per_episode  # the experiment's own cost measurement
+    from hyperflow import CONVOLUTIONS, best_cost  # the experiment's own cost measurement
 
     n = args.ways * args.shots
     x = jnp.asarray(np.random.default_rng(0).normal(size=(n, 40)), jnp.float32)
     y = jnp.repeat(jnp.arange(args.ways), args.shots)
 
     def cost(fn, params):
-        """:func:`hyperflow.cost_per_episode` of ``fn(params, x, y)``, in ms and KiB; weights are arguments."""
-        c = cost_per_episode(fn, (params,), {"support_x": x[None], "support_y": y[None]}, args.repeats)
-        return {"ms": 1e3 * c["seconds_median"], "alloc_kib": c["alloc_bytes"] / 1024,
-                "argument_kib": c["argument_bytes"] / 1024}
+        """:func:`hyperflow.best_cost` of ``fn(params, x, y)``, in ms and KiB; weights are arguments. On a CNN, the
+        best time and the least memory of the two convolutions (``hyperflow.CONVOLUTIONS``)."""
+        c = best_cost(fn, (params,), {"support_x": x[None], "support_y": y[None]}, args.repeats,
+                      CONVOLUTIONS if args.conv else None)
+        out = {"ms": 1e3 * c["seconds_median"], "alloc_kib": c["alloc_bytes"] / 1024,
+               "argument_kib": c["argument_bytes"] / 1024}
+        if "by_convolution" in c:
+            out["by_convolution"] = {name: {"ms": 1e3 * v["seconds_median"], "alloc_kib": v["alloc_bytes"] / 1024}
+                                     for name, v in c["by_convolution"].items()}
+        return out
 
     rows, results = [], []
     for depth in args.depths:
