@@ -426,7 +426,8 @@ def main():
     if quick:
         cfg.update(num_samples=6000, pretrain_steps=1000, meta_tasks=256, meta_iters=600, episodes=60,
                    tuning_episodes=40, timed=20, head_lrs=(1.0, 3.0), head_steps=(30, 100), full_lrs=(0.1,),
-                   full_steps=(10, 30), euler_steps=(2, 4), bias_euler_steps=(2, 4), bias_settings=((100, 10.0, 3.0), (30, 10.0, 3.0)),
+                   full_steps=(10, 30), euler_steps=(2, 4), bias_euler_steps=(2, 4),
+                   bias_settings=((100, 10.0, 3.0), (30, 10.0, 3.0)),
                    bias_meta_tasks=256, bias_meta_iters=300, bias_rollout_iters=200, bias_pretrain_steps=1000)
         if conv:
             cfg.update(bias_channels=(8, 8), bias_pretrain_steps=300, bias_settings=((30, 3.0, 1.0), (100, 3.0, 1.0)),
