@@ -401,6 +401,9 @@ def main():
                         help="with --bias-backbone conv: meta-train the drifts at a reduced size (512 tasks, 800 "
                              "regression and 1,000 refinement iterations; default) or at the MLP's full size "
                              "(1,024 tasks, 3,000 and 2,000; writes to hyperflow_conv_full)")
+    parser.add_argument("--conv-channels", type=int, default=32,
+                        help="with --bias-backbone conv: channels of each of the 3 conv layers (default 32; another "
+                             "width adds _c<width> to the default output folder)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: experiments/results/hyperflow, or hyperflow_conv for "
                              "--bias-backbone conv, hyperflow_conv_full with --conv-meta full)")
@@ -411,6 +414,8 @@ def main():
     quick, progress = args.quick, not args.no_progress
     conv = args.bias_backbone == "conv"
     folder = ("hyperflow_conv_full" if args.conv_meta == "full" else "hyperflow_conv") if conv else "hyperflow"
+    if conv and args.conv_channels != 32:
+        folder += f"_c{args.conv_channels}"
     args.out = args.out or os.path.join(os.path.dirname(__file__), "results", folder)
     cfg = dict(num_samples=20000, pretrain_steps=4000, meta_tasks=1024, meta_iters=3000, episodes=300,
                tuning_episodes=100, timed=100, head_lrs=(0.3, 1.0, 3.0, 10.0), head_steps=(10, 30, 100, 300),
@@ -419,7 +424,7 @@ def main():
                bias_meta_tasks=1024, bias_starts=1, bias_meta_iters=BIAS_META_ITERS, bias_drift_hidden=16,
                bias_rollout_euler=5, bias_rollout_iters=2000, bias_euler_steps=(1, 2, 4, 8))
     if conv:
-        cfg.update(bias_backbone="conv", bias_channels=(32, 32, 32), bias_pretrain_steps=2000,
+        cfg.update(bias_backbone="conv", bias_channels=(args.conv_channels,) * 3, bias_pretrain_steps=2000,
                    bias_settings=CONV_BIAS_SETTINGS, bias_euler_steps=(1, 2, 4, 8, 16))
         if args.conv_meta == "reduced":
             cfg.update(bias_meta_tasks=512, bias_meta_iters=800, bias_rollout_iters=1000)

@@ -105,11 +105,12 @@ def conv_same(h, kernel):
     """A ``SAME``-padded 1-D convolution of ``h`` (N, L, C_in) with ``kernel`` (width, C_in, C_out), as flax's Conv.
 
     Computed as a sum over the kernel's taps of shifted matrix products. It is the
-    function of :func:`conv_same_xla`, and on a CPU 3-4x faster for these small
-    channel counts, forward and backward: XLA's CPU convolution is slow here and
-    dominates a CNN drift's meta-training (``experiments/benchmarks/conv1d_impl.py``).
-    Like the convolution, the backward pass keeps only the padded input, never
-    the ``(N, L, width * C_in)`` patches an im2col product would.
+    function of :func:`conv_same_xla`; on a CPU, for these small channel counts,
+    it is 2-14x faster wherever a backward pass runs through a batch (GD, full
+    fine-tuning, a CNN drift's rollout refinement), and it allocates 2-3x more
+    memory, because XLA materializes the shifted slices
+    (``experiments/benchmarks/conv1d_impl.py``). Adaptation costs are therefore
+    reported at each method's best of the two (``experiments/hyperflow.py``).
     """
     width, length = kernel.shape[0], h.shape[1]
     left = (width - 1) // 2
