@@ -100,27 +100,36 @@ def episode_accuracy(backbone, hidden, adapt_fn, tasks):
     return np.asarray(jax.vmap(hf.accuracy)(out, feats, tasks["query_y"]))
 
 
-def cost_per_episode(fn, args, tasks, num_timed):
-    """Median wall time of one jitted single-episode call and XLA's memory analysis of that program.
+def compiled_cost(fn, calls):
+    """Wall time of jitted ``fn`` over the argument tuples ``calls`` (compiled and warmed up on the first) and XLA's
+    memory analysis of that program.
 
-    Memory: ``temp + output`` bytes is what the adaptation allocates beyond its
+    Memory: ``temp + output`` bytes is what the call allocates beyond its
     inputs (activations, gradients, intermediate parameters); ``argument`` bytes
-    are its inputs (backbone, drift network, support set).
+    are its inputs.
     """
     jitted = jax.jit(fn)
-    sx, sy = tasks["support_x"], tasks["support_y"]
-    mem = jitted.lower(*args, sx[0], sy[0]).compile().memory_analysis()
-    jax.block_until_ready(jitted(*args, sx[0], sy[0]))
+    mem = jitted.lower(*calls[0]).compile().memory_analysis()
+    tic = time.perf_counter()
+    jax.block_until_ready(jitted(*calls[0]))
+    first_call = time.perf_counter() - tic
     times = []
-    for i in range(num_timed):
-        x, y = jax.device_put(sx[i % len(sx)]), jax.device_put(sy[i % len(sy)])
+    for call in calls:
+        call = jax.device_put(call)
         tic = time.perf_counter()
-        jax.block_until_ready(jitted(*args, x, y))
+        jax.block_until_ready(jitted(*call))
         times.append(time.perf_counter() - tic)
     return {"seconds_median": float(np.median(times)), "seconds_mean": float(np.mean(times)),
-            "alloc_bytes": int(mem.temp_size_in_bytes + mem.output_size_in_bytes),
+            "first_call_seconds": first_call, "alloc_bytes": int(mem.temp_size_in_bytes + mem.output_size_in_bytes),
             "argument_bytes": int(mem.argument_size_in_bytes),
             "peak_bytes": int(mem.temp_size_in_bytes + mem.output_size_in_bytes + mem.argument_size_in_bytes)}
+
+
+def cost_per_episode(fn, args, tasks, num_timed):
+    """:func:`compiled_cost` of one single-episode call ``fn(*args, support_x, support_y)``, timed over
+    ``num_timed`` episodes of ``tasks`` (argument bytes: backbone, drift network, support set)."""
+    sx, sy = tasks["support_x"], tasks["support_y"]
+    return compiled_cost(fn, [(*args, sx[i % len(sx)], sy[i % len(sy)]) for i in range(num_timed)])
 
 
 @contextlib.contextmanager

@@ -27,7 +27,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 
 def main():
@@ -47,7 +46,7 @@ def main():
     from metagrad.report import format_table, write_json
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
-    from hyperflow import CONVOLUTIONS, backbone_convolution  # the experiment's own switch
+    from hyperflow import CONVOLUTIONS, backbone_convolution, compiled_cost  # the experiment's own switch and cost
 
     ways, shots, queries, layers = 5, 5, 15, len(args.channels)
     model = hb.ConvBackbone(channels=tuple(args.channels), kernel_size=5, num_classes=ways)
@@ -86,18 +85,9 @@ def main():
     }
 
     def measure(fn, call_args, repeats):
-        jitted = jax.jit(fn)
-        mem = jitted.lower(*call_args).compile().memory_analysis()
-        tic = time.perf_counter()
-        jax.block_until_ready(jitted(*call_args))
-        compile_s = time.perf_counter() - tic
-        times = []
-        for _ in range(repeats):
-            tic = time.perf_counter()
-            jax.block_until_ready(jitted(*call_args))
-            times.append(time.perf_counter() - tic)
-        return {"ms": 1e3 * float(np.median(times)), "first_call_s": compile_s,
-                "alloc_kib": (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 1024}
+        c = compiled_cost(fn, [call_args] * repeats)
+        return {"ms": 1e3 * c["seconds_median"], "first_call_s": c["first_call_seconds"],
+                "alloc_kib": c["alloc_bytes"] / 1024}
 
     cases = {f"meta-training: regression gradient, {args.tasks} tasks": (jax.grad(regression_loss), (phi,),
                                                                            args.repeats),
