@@ -123,12 +123,27 @@ class DriftConfig:
       scale: temperature ``s`` of the prototype head (and of its normalization in the class tokens).
       velocity_scale: output units, set by :func:`meta_train` to the emulated run's total time ``T eta``
         (steps times learning rate), so that the gradient flow itself has coefficients of order one.
+      examples_per_chunk: how many support examples' (example, class) tokens the pair MLP evaluates at a
+        time (``lax.map`` over chunks), or None for all ``N x K`` at once. The drift is the same function
+        either way (equal to float rounding); chunks bound its scratch memory by one chunk's hidden
+        activations instead of ``N x K x hidden``, at some time per evaluation. Meta-training keeps None
+        (it differentiates the drift, and a loop is slower to differentiate); the adaptation entry points
+        (:meth:`HyperFlow.adapt`, :func:`metagrad.hyperflow_bias.adapt`) set it from their own
+        ``examples_per_chunk`` argument, 5 by default. Measured on a 2-core CPU (5-way 5-shot, pair MLP
+        width 64, 8 Euler steps on a 40-128-64 MLP's features): the adaptation's allocation is 72.8 KiB
+        with None, 29.0 KiB with 5 and 21.6 KiB with 1, its time 0.42, 0.53 and 0.82 ms.
     """
 
     ways: int = 5
     hidden: int = 32
     scale: float = 10.0
     velocity_scale: float = 1.0
+    examples_per_chunk: int | None = None
+
+    def __post_init__(self):
+        if self.examples_per_chunk is not None and (not isinstance(self.examples_per_chunk, int)
+                                                    or self.examples_per_chunk < 1):
+            raise ValueError(f"examples_per_chunk must be a positive int or None, got {self.examples_per_chunk!r}.")
 
 
 _PAIR_IN, _CLASS_IN = 10, 6
@@ -159,6 +174,19 @@ def init_drift(key, config: DriftConfig):
             "cls": _mlp_init(jax.random.fold_in(key, 1), (_CLASS_IN, config.hidden, 3))}
 
 
+def _pair_coefficients(pair_mlp, pair, examples_per_chunk):
+    """The pair MLP on the (N, K, features) tokens: all at once, or ``examples_per_chunk`` examples at a time."""
+    if examples_per_chunk is None or examples_per_chunk >= pair.shape[0]:
+        return _mlp_apply(pair_mlp, pair)
+    return lax.map(functools.partial(_mlp_apply, pair_mlp), pair,
+                   batch_size=None if examples_per_chunk == 1 else examples_per_chunk)
+
+
+def with_examples_per_chunk(config: DriftConfig, examples_per_chunk) -> DriftConfig:
+    """``config`` evaluated ``examples_per_chunk`` support examples at a time (see :class:`DriftConfig`)."""
+    return dataclasses.replace(config, examples_per_chunk=examples_per_chunk)
+
+
 def drift(phi, head, t, feats, y_onehot, config: DriftConfig):
     """``h_phi(theta, t | S)``: the predicted velocity of the head (same pytree as ``head``).
 
@@ -181,7 +209,7 @@ def drift(phi, head, t, feats, y_onehot, config: DriftConfig):
     pair = jnp.stack([jnp.maximum(logp, -20.0) / 5.0, p, y_onehot, bc(p_true), tt, jnp.sin(jnp.pi * tt),
                       (p - y_onehot) * (1.0 - tt), bc(own[None]), bc(other[None]),
                       bc(jnp.clip(margin, -20.0, 20.0)[:, None] / 5.0)], -1)
-    coef = _mlp_apply(phi["pair"], pair)  # (N, K, 2)
+    coef = _pair_coefficients(phi["pair"], pair, config.examples_per_chunk)  # (N, K, 2)
     kernel = head["kernel"]
     cls_in = jnp.stack([own, other, jnp.linalg.norm(kernel, axis=0) / (2 * config.scale),
                         head["bias"] / config.scale, jnp.full((k,), t, feats.dtype),
@@ -250,13 +278,16 @@ class HyperFlow:
     config: DriftConfig
     hidden: tuple
 
-    def adapt(self, params, support_set, num_steps: int = 4, step_size=None):
+    def adapt(self, params, support_set, num_steps: int = 4, step_size=None, *, examples_per_chunk: int | None = 5):
         """Adapt the head to ``support_set = (x, y)`` by ``num_steps`` Euler steps of ``h_phi`` (forward passes only).
 
         ``params`` is ``{"backbone": ..., "head": ...}`` (``"head"`` optional:
         without it the head starts at the prototype classifier of the support
         set). ``step_size`` defaults to ``1 / num_steps`` (the whole emulated
-        fine-tuning run). Returns ``params`` with the adapted head.
+        fine-tuning run). ``examples_per_chunk``: the drift's pair tokens are
+        evaluated this many support examples at a time (None: all at once; the
+        same function, more scratch memory; :class:`DriftConfig`). Returns
+        ``params`` with the adapted head.
         """
         if "backbone" not in params:
             raise ValueError("params must be a dict with a 'backbone' entry (and optionally 'head').")
@@ -267,7 +298,8 @@ class HyperFlow:
         if step_size is None:
             step_size = 1.0 / num_steps if num_steps else 0.0
         head = _adapt(self.phi, params["backbone"], params.get("head"), jnp.asarray(x), jnp.asarray(y),
-                      jnp.asarray(step_size, jnp.float32), hidden=tuple(self.hidden), config=self.config,
+                      jnp.asarray(step_size, jnp.float32), hidden=tuple(self.hidden),
+                      config=with_examples_per_chunk(self.config, examples_per_chunk),
                       num_steps=int(num_steps))
         return {**params, "head": head}
 

@@ -459,15 +459,19 @@ def velocity_field(phi, theta0, backbone, x, y_onehot, config: BiasDriftConfig):
     return lambda theta, t: drift(phi, theta, t, backbone, x, y_onehot, config)
 
 
-def adapt(phi, backbone, support_x, support_y, *, config: BiasDriftConfig, num_steps: int):
+def adapt(phi, backbone, support_x, support_y, *, config: BiasDriftConfig, num_steps: int,
+          examples_per_chunk: int | None = 5):
     """HyperFlow adaptation of (biases, head): ``num_steps`` Euler steps of size ``1/num_steps`` (forward only).
 
     ``support_x`` is ``(N, features)``, ``support_y`` ``N`` integer labels in
     ``0..ways-1``; jit-compiled, and usable under ``jax.vmap``/``jax.jit`` (the
     shape checks run on tracers too, the label and finiteness checks only on
-    concrete arrays).
+    concrete arrays). ``examples_per_chunk``: the head drift's pair tokens are
+    evaluated this many support examples at a time (None: all at once; the
+    same function, more scratch memory; :class:`metagrad.hyperflow.DriftConfig`).
     """
     _check_support(phi, backbone, support_x, support_y, config)
+    config = dataclasses.replace(config, head=hf.with_examples_per_chunk(config.head, examples_per_chunk))
     return _adapt(phi, backbone, support_x, support_y, config=config, num_steps=num_steps)
 
 

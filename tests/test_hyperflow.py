@@ -115,6 +115,56 @@ def test_adapt_explicit_head_and_errors():
         hf.sample_tasks(x, y, [0, 1, 2], 1, ways=5)
 
 
+def test_drift_in_chunks_of_support_examples_is_the_same_function_in_less_memory():
+    """The pair MLP evaluated a few support examples at a time (``examples_per_chunk``) gives the drift of all of
+    them at once, and the adaptation's scratch memory no longer holds the (N, K, hidden) pair activations."""
+    from metagrad import hyperflow_bias as hb
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(4)
+        config = hf.DriftConfig(ways=3, hidden=16, velocity_scale=2.0)
+        phi = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), hf.init_drift(jax.random.key(5), config))
+        phi["pair"][-1]["w"] = phi["pair"][-1]["w"] * 10.0  # the pair MLP's output matters to the velocity
+        feats = jnp.asarray(rng.normal(size=(7, 6)))
+        y1h = jax.nn.one_hot(np.arange(7) % 3, 3, dtype=jnp.float64)
+        head = {"kernel": jnp.asarray(rng.normal(size=(6, 3))), "bias": jnp.asarray(rng.normal(size=3))}
+        whole = hf.drift(phi, head, 0.3, feats, y1h, config)
+        for chunk in (1, 3, 7, 50):  # 3 leaves a remainder of 1 example
+            chunked = hf.drift(phi, head, 0.3, feats, y1h, hf.with_examples_per_chunk(config, chunk))
+            for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="examples_per_chunk must be a positive int"):
+        hf.DriftConfig(examples_per_chunk=0)
+
+    # Memory: 25 support examples, 5 ways, pair MLP width 64 -> each (N, K, hidden) activation is 32,000 B.
+    n, k, width = 25, 5, 64
+    config = hf.DriftConfig(ways=k, hidden=width)
+    phi = hf.init_drift(jax.random.key(6), config)
+    model = hf.HyperFlow(phi, config, (32, 16))
+    backbone = hf.feature_model((32, 16)).init(jax.random.key(7), jnp.zeros((1, 40)))["params"]
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(n, 40)), jnp.float32)
+    y = jnp.arange(n) % k
+
+    def temp_bytes(chunk):
+        fn = jax.jit(lambda p, b, xx, yy: hf._adapt(p, b, None, xx, yy, jnp.float32(0.25), hidden=(32, 16),
+                                                    config=hf.with_examples_per_chunk(config, chunk), num_steps=4))
+        return fn.lower(phi, backbone, x, y).compile().memory_analysis().temp_size_in_bytes
+
+    for chunk in (1, 5):  # 5: the adaptation entry points' default
+        assert temp_bytes(chunk) < temp_bytes(None) - n * k * width * 4, (chunk, temp_bytes(chunk), temp_bytes(None))
+    # The adaptation entry points chunk by default and give what the whole-set drift gives.
+    lean = model.adapt({"backbone": backbone}, (x, y), num_steps=4)["head"]
+    whole = model.adapt({"backbone": backbone}, (x, y), num_steps=4, examples_per_chunk=None)["head"]
+    for a, b in zip(jax.tree.leaves(lean), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    bias_config = hb.BiasDriftConfig(head=config, hidden=8, bias_scales=(0.5, 0.5))
+    bias_phi = hb.init_drift(jax.random.key(9), bias_config, 2)
+    lean = hb.adapt(bias_phi, backbone, x, y, config=bias_config, num_steps=3)
+    whole = hb.adapt(bias_phi, backbone, x, y, config=bias_config, num_steps=3, examples_per_chunk=None)
+    for a, b in zip(jax.tree.leaves(lean), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def reduced_setup():
     """A backbone pretrained on classes 0-4, meta-training tasks on held-out 0-4 examples, test tasks on 5-9."""
