@@ -531,7 +531,8 @@ def main():
     def hf_fn(label, n):
         dcfg = drifts[label][1]
         return lambda p, bb, sx, sy: hf._adapt(p, bb, None, sx, sy, jnp.float32(1.0 / n), hidden=hidden,
-                                               config=hf.with_examples_per_chunk(dcfg, 5), num_steps=n)
+                                               config=hf.with_examples_per_chunk(dcfg, hf.ADAPT_EXAMPLES_PER_CHUNK),
+                                               num_steps=n)
 
     hf_grid = {(label, n): float(acc_of(hf_fn(label, n), tuning, drifts[label][0]).mean())
                for label in variants for n in cfg["euler_steps"]}

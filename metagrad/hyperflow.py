@@ -129,9 +129,10 @@ class DriftConfig:
         activations instead of ``N x K x hidden``, at some time per evaluation. Meta-training keeps None
         (it differentiates the drift, and a loop is slower to differentiate); the adaptation entry points
         (:meth:`HyperFlow.adapt`, :func:`metagrad.hyperflow_bias.adapt`) set it from their own
-        ``examples_per_chunk`` argument, 5 by default. Measured on a 2-core CPU (5-way 5-shot, pair MLP
-        width 64, 8 Euler steps on a 40-128-64 MLP's features): the adaptation's allocation is 72.8 KiB
-        with None, 29.0 KiB with 5 and 21.6 KiB with 1, its time 0.42, 0.53 and 0.82 ms.
+        ``examples_per_chunk`` argument, :data:`ADAPT_EXAMPLES_PER_CHUNK` (5) by default. Measured on a
+        2-core CPU (5-way 5-shot, pair MLP width 64, 8 Euler steps on a 40-128-64 MLP's features): the
+        adaptation's allocation is 72.8 KiB with None, 29.0 KiB with 5 and 21.6 KiB with 1, its time 0.42,
+        0.53 and 0.82 ms.
     """
 
     ways: int = 5
@@ -147,6 +148,8 @@ class DriftConfig:
 
 
 _PAIR_IN, _CLASS_IN = 10, 6
+
+ADAPT_EXAMPLES_PER_CHUNK = 5  # the adaptation entry points' default DriftConfig.examples_per_chunk
 
 
 def _mlp_init(key, sizes):
@@ -278,7 +281,8 @@ class HyperFlow:
     config: DriftConfig
     hidden: tuple
 
-    def adapt(self, params, support_set, num_steps: int = 4, step_size=None, *, examples_per_chunk: int | None = 5):
+    def adapt(self, params, support_set, num_steps: int = 4, step_size=None, *,
+              examples_per_chunk: int | None = ADAPT_EXAMPLES_PER_CHUNK):
         """Adapt the head to ``support_set = (x, y)`` by ``num_steps`` Euler steps of ``h_phi`` (forward passes only).
 
         ``params`` is ``{"backbone": ..., "head": ...}`` (``"head"`` optional:

@@ -460,7 +460,7 @@ def velocity_field(phi, theta0, backbone, x, y_onehot, config: BiasDriftConfig):
 
 
 def adapt(phi, backbone, support_x, support_y, *, config: BiasDriftConfig, num_steps: int,
-          examples_per_chunk: int | None = 5):
+          examples_per_chunk: int | None = hf.ADAPT_EXAMPLES_PER_CHUNK):
     """HyperFlow adaptation of (biases, head): ``num_steps`` Euler steps of size ``1/num_steps`` (forward only).
 
     ``support_x`` is ``(N, features)``, ``support_y`` ``N`` integer labels in

@@ -150,7 +150,7 @@ def test_drift_in_chunks_of_support_examples_is_the_same_function_in_less_memory
                                                     config=hf.with_examples_per_chunk(config, chunk), num_steps=4))
         return fn.lower(phi, backbone, x, y).compile().memory_analysis().temp_size_in_bytes
 
-    for chunk in (1, 5):  # 5: the adaptation entry points' default
+    for chunk in (1, hf.ADAPT_EXAMPLES_PER_CHUNK):  # 5, the adaptation entry points' default
         assert temp_bytes(chunk) < temp_bytes(None) - n * k * width * 4, (chunk, temp_bytes(chunk), temp_bytes(None))
     # The adaptation entry points chunk by default and give what the whole-set drift gives.
     lean = model.adapt({"backbone": backbone}, (x, y), num_steps=4)["head"]
