@@ -133,7 +133,7 @@ def test_fgmt_cost_is_linear_in_T_and_gmt_quadratic():
     target0 = mg.TrainingProblem(problem.model, optax.sgd(0.1), data, num_steps=8, batch_size=8, seed=1,
                                  lr_schedule=None).init_state()["params"]
     spec = tr.permutation_spec(target0)
-    fgmt_calls, gmt_calls = {}, {}
+    fgmt_calls, recorded_calls, gmt_calls = {}, {}, {}
     for T in (2, 3, 6):
         source = record_trajectory(problem, {}, list(range(T + 1)))
         counted, calls = _counting(grad_fn)
@@ -141,11 +141,15 @@ def test_fgmt_cost_is_linear_in_T_and_gmt_quadratic():
         fgmt_calls[T] = len(calls)
         assert result.grad_evals == len(calls)
         counted, calls = _counting(grad_fn)
+        result = tr.fgmt(spec, source, target0, counted, path="recorded")
+        recorded_calls[T] = len(calls)
+        assert result.grad_evals == len(calls)
+        counted, calls = _counting(grad_fn)
         result = tr.gmt(spec, source, target0, counted)
         gmt_calls[T] = len(calls)
         assert result.grad_evals == len(calls)
         assert len(result.trajectory) == T + 1
-    assert fgmt_calls == {T: 2 * T for T in (2, 3, 6)}
+    assert fgmt_calls == recorded_calls == {T: 2 * T for T in (2, 3, 6)}
     assert gmt_calls == {T: T + T * (T + 1) // 2 for T in (2, 3, 6)}
 
 
@@ -229,15 +233,15 @@ def planted_setting():
     return spec, source, target, sigma, tr.problem_gradient(problem, batch_size=2048)
 
 
-@pytest.mark.parametrize("method", ["gmt", "fgmt", "oracle_gradients", "oracle_displacements"])
+@pytest.mark.parametrize("method", ["gmt", "fgmt", "fgmt_recorded", "oracle_gradients", "oracle_displacements"])
 def test_planted_permutation_is_recovered_exactly(method, planted_setting):
     """Regression: the single-start coordinate ascent stopped in a local optimum at GMT's first step
     (28 + 24 of 64 + 64 units wrong) on this setting, and GMT never left it (test accuracy 0.17 vs 0.55)."""
     spec, source, target, sigma, grad_fn = planted_setting
     if method == "gmt":
         result = tr.gmt(spec, source, target.initial, grad_fn)
-    elif method == "fgmt":
-        result = tr.fgmt(spec, source, target.initial, grad_fn)
+    elif method.startswith("fgmt"):
+        result = tr.fgmt(spec, source, target.initial, grad_fn, path="recorded" if "recorded" in method else "linear")
     else:
         result = tr.oracle(spec, source, target, grad_fn, match=method.split("_")[1])
     for name in spec.names:
@@ -345,6 +349,10 @@ def test_bad_inputs_get_errors_that_say_what_to_change():
         tr.gmt(spec, source, {k: v for k, v in target0.items() if k != "Dense_2"}, grad_fn)
     with pytest.raises(ValueError, match="same architecture"):
         tr.naive_transfer(source, problem(1, (8, 16)).init_state()["params"])
+    with pytest.raises(ValueError, match="path must be one of .*'recorded'.*got 'actual'"):
+        tr.fgmt(spec, source, target0, grad_fn, path="actual")
+    with pytest.raises(ValueError, match='num_points=5 applies to path="linear" only'):
+        tr.fgmt(spec, source, target0, grad_fn, path="recorded", num_points=5)
 
     calls = []
 
