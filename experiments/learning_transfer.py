@@ -14,7 +14,8 @@ trajectory points); ``--config momentum`` is the earlier momentum-SGD LR 0.1
 setting, kept for comparison (its output goes to ``--out``).
 
 1. Same task, new initialization: an MLP trained from init A (the source
-   trajectory) is transferred to inits B (several seeds) by GMT and FGMT, with
+   trajectory) is transferred to inits B (several seeds) by GMT and FGMT (on the
+   paper's straight line, and on the recorded source points), with
    no training. Compared with naive transfer (no permutation), the oracle
    (permutations matched on the real trajectory of B) and the untrained init;
    then each starting point is trained and the steps to reach the source's
@@ -60,9 +61,13 @@ CONFIG = {
               "pretrain_steps": 300, "finetune_steps": 200, "finetune_points": 8},
 }
 
-START_POINTS = ("init", "naive", "FGMT", "GMT", "oracle", "oracle_grad")
-START_POINTS2 = ("init", "naive", "FGMT", "GMT")  # experiment 2 (no target run, so no oracle)
-LABELS1 = {"init": "init B (untrained)", "naive": "naive (no permutation)", "FGMT": "FGMT", "GMT": "GMT",
+# FGMT is the paper's (the straight line between the source's end points); FGMT_recorded matches its cached
+# gradients at the recorded source points instead (tr.fgmt(..., path="recorded")), at the same 2T gradients.
+METHODS = ("FGMT", "FGMT_recorded", "GMT")
+START_POINTS = ("init", "naive", *METHODS, "oracle", "oracle_grad")
+START_POINTS2 = ("init", "naive", *METHODS)  # experiment 2 (no target run, so no oracle)
+LABELS1 = {"init": "init B (untrained)", "naive": "naive (no permutation)", "FGMT": "FGMT (straight line)",
+           "FGMT_recorded": "FGMT on the recorded points", "GMT": "GMT",
            "oracle": "oracle: displacements of the real target run", "oracle_grad": "oracle: gradients on the real target run"}
 OPTIMIZERS = {"sgdm": lambda lr: optax.sgd(lr, momentum=0.9), "sgd": optax.sgd, "adam": optax.adam}
 
@@ -106,6 +111,7 @@ def transfer_all(spec, source, target_start, grad_fn, target_traj=None):
     """Zero-step parameters of every starting point, and the seconds/gradient evaluations of each method."""
     out, cost = {"init": target_start, "naive": tr.naive_transfer(source, target_start)}, {}
     for name, run in (("FGMT", lambda: tr.fgmt(spec, source, target_start, grad_fn)),
+                      ("FGMT_recorded", lambda: tr.fgmt(spec, source, target_start, grad_fn, path="recorded")),
                       ("GMT", lambda: tr.gmt(spec, source, target_start, grad_fn))):
         tic = time.perf_counter()
         result = run()
@@ -218,8 +224,8 @@ def main():
     progress = not args.no_progress
     # Each finished seed is saved under --out at once, so a killed run resumes where it stopped.
     try:
-        finished = FinishedParts(os.path.join(args.out, "finished_seeds.json"), {**cfg, "config_name": args.config},
-                                 fresh=args.fresh)
+        finished = FinishedParts(os.path.join(args.out, "finished_seeds.json"),
+                                 {**cfg, "config_name": args.config, "starts": list(START_POINTS)}, fresh=args.fresh)
     except ValueError as err:  # a record left by another run: say what to pass, without a traceback
         parser.error(str(err))
     if finished.parts:
@@ -234,12 +240,12 @@ def main():
     src1, src2 = exp1["source_accuracy"], exp2["source_accuracy"]
     summary1, summary2 = summarize(exp1["per_seed"], START_POINTS), summarize(exp2["per_seed"], START_POINTS2)
     goals = {}
-    for name in ("FGMT", "GMT"):
+    for name in METHODS:
         goals[f"exp1 {name}: zero-step accuracy >= 60% of source"] = (
             summary1[name]["zero_step_accuracy"]["mean"] >= 0.6 * src1)
         goals[f"exp1 {name}: steps to target <= half of init's (every seed)"] = step_goal(summary1, name, "init")
     goals["exp1 naive near chance (< 0.15; chance is 0.10)"] = summary1["naive"]["zero_step_accuracy"]["mean"] < 0.15
-    for name in ("FGMT", "GMT"):
+    for name in METHODS:
         goals[f"exp2 {name}: zero-step accuracy >= 60% of fine-tuned A"] = (
             summary2[name]["zero_step_accuracy"]["mean"] >= 0.6 * src2)
         goals[f"exp2 {name}: steps to target <= half of fine-tuning B (every seed)"] = step_goal(summary2, name, "init")
@@ -251,7 +257,8 @@ def main():
     write_json(os.path.join(args.out, "result.json"), report)
 
     rows = []
-    labels2 = {"init": "base B (fine-tune B itself)", "naive": "naive", "FGMT": "FGMT", "GMT": "GMT"}
+    labels2 = {"init": "base B (fine-tune B itself)", "naive": "naive", "FGMT": "FGMT (straight line)",
+               "FGMT_recorded": "FGMT on the recorded points", "GMT": "GMT"}
     for exp, summary, src, labels, prefix in ((exp1, summary1, src1, LABELS1, "1"),
                                               (exp2, summary2, src2, labels2, "2")):
         for name, z in ((n, summary[n]["zero_step_accuracy"]) for n in labels):
@@ -271,8 +278,9 @@ def main():
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     means = [summary1[n]["zero_step_accuracy"]["mean"] for n in START_POINTS]
     stds = [summary1[n]["zero_step_accuracy"]["std"] for n in START_POINTS]
-    colors = dict(zip(START_POINTS, ("grey", "tab:red", "tab:blue", "tab:green", "tab:purple", "tab:pink")))
+    colors = dict(zip(START_POINTS, ("grey", "tab:red", "tab:blue", "tab:cyan", "tab:green", "tab:purple", "tab:pink")))
     axes[0].bar(START_POINTS, means, yerr=stds, color=[colors[n] for n in START_POINTS])
+    plt.setp(axes[0].get_xticklabels(), rotation=30, ha="right")
     axes[0].axhline(src1, color="k", ls="--", label="source (trained A)")
     axes[0].axhline(0.6 * src1, color="k", ls=":", label="60% of source")
     axes[0].set(ylabel="test accuracy, 0 training steps", title="1: same task, new init (mean over seeds)")
