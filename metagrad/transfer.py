@@ -583,7 +583,7 @@ def fgmt(spec: PermutationSpec, source: Trajectory, target_start, grad_fn: Calla
           end points of the source run.
         - ``"recorded"``: the recorded points ``theta1_{t_0..t_T}`` themselves
           (the paper's released code interpolates between saved checkpoints;
-          this is its case of no split between them). Needs every recorded
+          this is its case of one point per segment). Needs every recorded
           point. On MNIST-1D it transfers a plain-SGD run more accurately than
           the straight line, and a momentum-SGD run at LR 0.1 less accurately
           (``BUILD_NOTES.md``). ``num_points`` must be left unset.
