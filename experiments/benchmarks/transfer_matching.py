@@ -1,12 +1,14 @@
 """Cost of FGMT's permutation matching as the MLP widens (learning transfer, Chijiwa, ICLR 2024).
 
     python experiments/benchmarks/transfer_matching.py
-    python experiments/benchmarks/transfer_matching.py --configs 128x40 256x20 512x10
+    python experiments/benchmarks/transfer_matching.py --configs 128x40 256x20 512x10 [--paths linear]
 
 For each ``WIDTHxT``: an MLP 40-W-W-10 on MNIST-1D trained 1,000 steps with SGD
 0.05 from seed 0 (the source, recorded at T + 1 points) and a new init (seed 1);
 FGMT transfers the trajectory (gradients on 2,048-example minibatches, as in
-``experiments/learning_transfer.py``). The table gives FGMT's wall time (after a
+``experiments/learning_transfer.py``'s ``--grad-batch 2048``), once per matching
+path (``tr.fgmt(path=...)``: the straight line and the recorded points, side by
+side in one process). The table gives FGMT's wall time (after a
 warm-up FGMT at T = 2 that compiles the gradient), the number of linear
 assignments solved (scipy's ``linear_sum_assignment``, counted by a wrapper),
 their share of the time, and the transferred model's zero-step test accuracy.
@@ -25,6 +27,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["128x40", "256x20"], help="WIDTHxT pairs")
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--paths", nargs="+", default=["linear", "recorded"], choices=["linear", "recorded"],
+                        help="FGMT's matching paths to time (tr.fgmt's path)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "transfer_matching.json"))
     args = parser.parse_args()
 
@@ -65,17 +69,19 @@ def main():
         grad_fn = tr.problem_gradient(source_problem, batch_size=2048)
         accuracy = jax.jit(lambda p: source_problem.loss_and_accuracy(p, "test")[1])
         tr.fgmt(spec, source, target_start, grad_fn, num_points=3)  # compiles the gradient and the products
-        counter.update(calls=0, seconds=0.0)
-        tic = time.perf_counter()
-        result = tr.fgmt(spec, source, target_start, grad_fn)
-        seconds = time.perf_counter() - tic
-        rows.append({"width": width, "T": T, "fgmt_seconds": seconds, "assignments": counter["calls"],
-                     "assignment_seconds": counter["seconds"], "zero_step_test_accuracy": float(accuracy(result.params)),
-                     "final_objective": float(result.objective[-1])})
-        print(f"width {width}, T {T}: {seconds:.1f} s", flush=True)
+        for path in args.paths:
+            counter.update(calls=0, seconds=0.0)
+            tic = time.perf_counter()
+            result = tr.fgmt(spec, source, target_start, grad_fn, path=path)
+            seconds = time.perf_counter() - tic
+            rows.append({"width": width, "T": T, "path": path, "fgmt_seconds": seconds, "assignments": counter["calls"],
+                         "assignment_seconds": counter["seconds"],
+                         "zero_step_test_accuracy": float(accuracy(result.params)),
+                         "final_objective": float(result.objective[-1])})
+            print(f"width {width}, T {T}, path {path}: {seconds:.1f} s", flush=True)
     tr.linear_sum_assignment = solve
-    print(format_table(("width", "T", "FGMT (s)", "assignments", "in assignment", "zero-step acc"),
-                       [(r["width"], r["T"], f"{r['fgmt_seconds']:.1f}", r["assignments"],
+    print(format_table(("width", "T", "path", "FGMT (s)", "assignments", "in assignment", "zero-step acc"),
+                       [(r["width"], r["T"], r["path"], f"{r['fgmt_seconds']:.1f}", r["assignments"],
                          f"{100 * r['assignment_seconds'] / r['fgmt_seconds']:.0f}%",
                          f"{r['zero_step_test_accuracy']:.3f}") for r in rows]))
     write_json(args.out, {"rows": rows, "steps": args.steps, "machine": platform.platform(),
