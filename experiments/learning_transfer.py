@@ -257,8 +257,7 @@ def main():
     write_json(os.path.join(args.out, "result.json"), report)
 
     rows = []
-    labels2 = {"init": "base B (fine-tune B itself)", "naive": "naive", "FGMT": "FGMT (straight line)",
-               "FGMT_recorded": "FGMT on the recorded points", "GMT": "GMT"}
+    labels2 = {"init": "base B (fine-tune B itself)", "naive": "naive", **{n: LABELS1[n] for n in METHODS}}
     for exp, summary, src, labels, prefix in ((exp1, summary1, src1, LABELS1, "1"),
                                               (exp2, summary2, src2, labels2, "2")):
         for name, z in ((n, summary[n]["zero_step_accuracy"]) for n in labels):

@@ -24,10 +24,12 @@ import time
 
 
 def main():
+    from metagrad.transfer import FGMT_PATHS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["128x40", "256x20"], help="WIDTHxT pairs")
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--paths", nargs="+", default=["linear", "recorded"], choices=["linear", "recorded"],
+    parser.add_argument("--paths", nargs="+", default=list(FGMT_PATHS), choices=FGMT_PATHS,
                         help="FGMT's matching paths to time (tr.fgmt's path)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "transfer_matching.json"))
     args = parser.parse_args()
