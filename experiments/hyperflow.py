@@ -17,7 +17,7 @@ regresses on (straight paths only, or straight + piecewise-linear + cubic; both
 variants are reported), are picked on 100 tuning episodes of source A drawn
 apart from the reported ones.
 
-Bias mode (second table, :mod:`metagrad.hyperflow_bias`): the paper's
+Bias mode (second table, :mod:`metagrad.hyperflow.bias`): the paper's
 parameter-efficient subset -- every bias of a wider backbone (MLP 40-512-64)
 plus the head -- is adapted, on the same episodes. Baselines: GD fine-tuning of
 that subset (backprop through the backbone each step; steps, head LR and bias LR
@@ -64,7 +64,7 @@ import numpy as np
 
 import metagrad as mg
 from metagrad import hyperflow as hf
-from metagrad import hyperflow_bias as hb
+from metagrad.hyperflow import bias as hb
 from metagrad.progress import progress_bar
 from metagrad.report import FinishedParts, LoopProgress, format_table, pyplot, tree_from_json, tree_to_json, write_json
 
@@ -261,7 +261,7 @@ def meta_train_bias_drift(cfg, traj, backbone, dcfg0, query_x, progress, finishe
 
 
 def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
-    """The paper's PEFT subset: all biases of a backbone plus the head (:mod:`metagrad.hyperflow_bias`).
+    """The paper's PEFT subset: all biases of a backbone plus the head (:mod:`metagrad.hyperflow.bias`).
 
     The backbone is a wider MLP (``cfg["bias_backbone"] == "mlp"``, widths
     ``bias_hidden``) or a 1-D CNN (``"conv"``, :class:`hb.ConvBackbone` with
@@ -530,7 +530,7 @@ def main():
 
     def hf_fn(label, n):
         dcfg = drifts[label][1]
-        return lambda p, bb, sx, sy: hf._adapt(p, bb, None, sx, sy, jnp.float32(1.0 / n), hidden=hidden,
+        return lambda p, bb, sx, sy: hf.adapt_head(p, bb, None, sx, sy, jnp.float32(1.0 / n), hidden=hidden,
                                                config=hf.with_examples_per_chunk(dcfg, hf.ADAPT_EXAMPLES_PER_CHUNK),
                                                num_steps=n)
 

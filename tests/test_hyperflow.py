@@ -118,7 +118,7 @@ def test_adapt_explicit_head_and_errors():
 def test_drift_in_chunks_of_support_examples_is_the_same_function_in_less_memory():
     """The pair MLP evaluated a few support examples at a time (``examples_per_chunk``) gives the drift of all of
     them at once, and the adaptation's scratch memory no longer holds the (N, K, hidden) pair activations."""
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     with jax.enable_x64(True):
         rng = np.random.default_rng(4)
@@ -146,7 +146,7 @@ def test_drift_in_chunks_of_support_examples_is_the_same_function_in_less_memory
     y = jnp.arange(n) % k
 
     def temp_bytes(chunk):
-        fn = jax.jit(lambda p, b, xx, yy: hf._adapt(p, b, None, xx, yy, jnp.float32(0.25), hidden=(32, 16),
+        fn = jax.jit(lambda p, b, xx, yy: hf.adapt_head(p, b, None, xx, yy, jnp.float32(0.25), hidden=(32, 16),
                                                     config=hf.with_examples_per_chunk(config, chunk), num_steps=4))
         return fn.lower(phi, backbone, x, y).compile().memory_analysis().temp_size_in_bytes
 
@@ -204,7 +204,7 @@ def test_reduced_experiment_hyperflow_beats_no_adaptation(reduced_setup):
 
 
 def _tiny_bias_model(seed=0, support="live"):
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     backbone = hf.feature_model(HIDDEN).init(jax.random.key(seed), jnp.zeros((1, 40)))["params"]
     config = hb.BiasDriftConfig(head=hf.DriftConfig(ways=3, hidden=8, velocity_scale=2.0), hidden=4,
@@ -213,7 +213,7 @@ def _tiny_bias_model(seed=0, support="live"):
 
 
 def test_bias_mode_forward_matches_features_and_finetune_moves_biases():
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     _, _, backbone = _tiny_bias_model()
     x = jnp.asarray(np.random.default_rng(3).normal(size=(6, 40)), jnp.float32)
@@ -229,7 +229,7 @@ def test_bias_mode_forward_matches_features_and_finetune_moves_biases():
 
 
 def test_bias_mode_adapt_rejects_bad_support_sets_and_a_drift_of_another_depth():
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     phi, config, backbone = _tiny_bias_model()
     x = jnp.asarray(np.random.default_rng(5).normal(size=(6, 40)), jnp.float32)
@@ -255,7 +255,7 @@ def test_bias_mode_adapt_rejects_bad_support_sets_and_a_drift_of_another_depth()
 def _adapt_counting_autodiff(monkeypatch, phi, backbone, config, x, y):
     """Bias-mode adaptation traced afresh under the autodiff counters: no call, and every bias layer moves.
     Returns ``(theta, start, calls)``; ``calls`` keeps counting."""
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     jax.clear_caches()
     calls = _count_autodiff_calls(monkeypatch)
@@ -269,7 +269,7 @@ def _adapt_counting_autodiff(monkeypatch, phi, backbone, config, x, y):
 
 @pytest.mark.parametrize("support", ["live", "encoded"])
 def test_bias_mode_adapt_calls_no_gradient(monkeypatch, support):
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     phi, config, backbone = _tiny_bias_model(support=support)
     rng = np.random.default_rng(2)
@@ -300,7 +300,7 @@ def _dot_operand_shapes(jaxpr, in_loop=False):
 def test_encoded_support_integrates_without_the_backbone_and_streams_its_layers():
     """The encoded drift (the paper's: no target-model pass while integrating) sees the same statistics as the
     live drift at the start, runs no backbone product inside the Euler loop, and encodes layer by layer."""
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     phi, config, backbone = _tiny_bias_model(support="encoded")
     rng = np.random.default_rng(4)
@@ -311,10 +311,10 @@ def test_encoded_support_integrates_without_the_backbone_and_streams_its_layers(
     encoding = hb.encode_support(backbone, theta0, x, y1h)
     zs, hs, f = hb.forward(backbone, theta0["biases"], x)
     logits = hf.head_logits(theta0["head"], f)
-    p, counts, own = hb._confidence(logits, y1h)
+    p, counts, own = hb.confidence(logits, y1h)
     np.testing.assert_allclose(encoding["feats"], f, atol=1e-6)
     for i, (z, h) in enumerate(zip(zs, hs)):
-        live = hb._unit_statistics(z, h, logits, p, y1h, counts, own, classwise=i == len(zs) - 1)
+        live = hb.unit_statistics(z, h, logits, p, y1h, counts, own, classwise=i == len(zs) - 1)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), encoding["units"][i], live)
 
     kernels = {tuple(layer["kernel"].shape) for layer in backbone.values()}
@@ -360,7 +360,7 @@ def test_encoded_support_integrates_without_the_backbone_and_streams_its_layers(
 def test_reduced_bias_mode_hyperflow_beats_no_adaptation(reduced_setup, monkeypatch, support):
     """Bias mode, reduced: meta-train on (biases, head) GD trajectories (velocity regression, then rollout
     refinement); adapt with no gradient; beat prototypes. For both drifts: the live one and the encoded one."""
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     backbone, meta_tasks, test = reduced_setup
     traj = hb.simulate_trajectories(backbone, jnp.asarray(meta_tasks["support_x"]),
@@ -410,7 +410,7 @@ def test_reduced_bias_mode_hyperflow_beats_no_adaptation(reduced_setup, monkeypa
 
 
 def _tiny_conv_model(support="live", channels=(8, 8)):
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     model = hb.ConvBackbone(channels=channels, kernel_size=3, num_classes=3)
     params = model.init(jax.random.key(0), jnp.zeros((1, 40)))["params"]
@@ -420,7 +420,7 @@ def _tiny_conv_model(support="live", channels=(8, 8)):
 
 
 def test_conv_backbone_forward_matches_flax_and_its_pooled_pass():
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     model, params, _, _ = _tiny_conv_model()
     backbone = {k: v for k, v in params.items() if k.startswith("Conv_")}
@@ -443,7 +443,7 @@ def test_conv_backbone_forward_matches_flax_and_its_pooled_pass():
 def test_conv_by_shifted_products_equals_xlas_convolution_and_its_gradients(width):
     """``conv_same`` (the backbone's convolution: a sum of shifted matrix products) is ``lax``'s ``SAME``
     convolution, odd and even kernel widths, values and both input and kernel gradients (float64)."""
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     with jax.enable_x64(True):
         rng = np.random.default_rng(width)
@@ -459,7 +459,7 @@ def test_conv_by_shifted_products_equals_xlas_convolution_and_its_gradients(widt
 
 def test_full_finetuning_of_a_conv_backbone_lowers_the_loss_and_moves_every_kernel():
     """The full fine-tuning baseline of the CNN bias mode: ``hf.finetune_full`` with the CNN's features."""
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     _, params, _, _ = _tiny_conv_model()
     backbone = {k: v for k, v in params.items() if k.startswith("Conv_")}
@@ -482,7 +482,7 @@ def test_conv_backbone_adapts_without_gradient_in_memory_that_does_not_hold_the_
         monkeypatch, support):
     """On a 1-D CNN, GD on the biases keeps every layer's (N, L, C) activations; HyperFlow's passes go one support
     example at a time, so its memory grows with the sequence length about N times slower than GD's."""
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
 
     _, params, phi, config = _tiny_conv_model(support)
     backbone = {k: v for k, v in params.items() if k.startswith("Conv_")}

@@ -287,7 +287,7 @@ def test_coordinate_ascent_skipping_solved_permutations_changes_nothing():
         for _ in range(max_iter):
             improved = False
             for idx in rng.permutation(len(names)):
-                cost = tr._cost_matrix(spec, names[idx], perms, g1, g2)
+                cost = tr.cost_matrix(spec, names[idx], perms, g1, g2)
                 rows, cols = linear_sum_assignment(cost, maximize=True)
                 old, new = cost[np.arange(len(cols)), perms[names[idx]]].sum(), cost[rows, cols].sum()
                 if new > old + 1e-9 * max(abs(old), 1e-30):
@@ -303,7 +303,7 @@ def test_coordinate_ascent_skipping_solved_permutations_changes_nothing():
                   for _ in range(2))
         start = {k: np.asarray(v) for k, v in tr.random_permutation(spec, seed).items()}
         expected = reference(start, g1, g2, np.random.default_rng(100 + seed))
-        found = tr._coordinate_ascent(spec, start, g1, g2, np.random.default_rng(100 + seed), 100)
+        found = tr.coordinate_ascent(spec, start, g1, g2, np.random.default_rng(100 + seed), 100)
         for name in names:
             np.testing.assert_array_equal(found[name], expected[name])
 

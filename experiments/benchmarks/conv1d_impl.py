@@ -2,9 +2,9 @@
 
     python experiments/benchmarks/conv1d_impl.py [--channels 32 32 32] [--tasks 32] [--repeats 5]
 
-:func:`metagrad.hyperflow_bias.conv_same` computes the ``SAME`` convolution of
+:func:`metagrad.hyperflow.bias.conv_same` computes the ``SAME`` convolution of
 the bias-mode CNN backbone as a sum of shifted matrix products;
-:func:`~metagrad.hyperflow_bias.conv_same_xla` is ``lax.conv_general_dilated``.
+:func:`~metagrad.hyperflow.bias.conv_same_xla` is ``lax.conv_general_dilated``.
 Both are the same function (tested to 1e-12 in float64). For each, in one
 process, this compiles and times what the HyperFlow experiment spends its time
 on (``hb.ConvBackbone`` with random weights, 5-way 5-shot support sets of
@@ -42,7 +42,7 @@ def main():
     import numpy as np
 
     from metagrad import hyperflow as hf
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
     from metagrad.report import format_table, write_json
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/

@@ -6,7 +6,7 @@
 
 Does a deeper backbone give HyperFlow (Kim, Kim & Hong, arXiv 2504.15323) the
 memory and time advantage its paper reports? GD on the biases backprops through
-every layer and keeps every layer's activations; :mod:`metagrad.hyperflow_bias`'s
+every layer and keeps every layer's activations; :mod:`metagrad.hyperflow.bias`'s
 *live* drift runs a forward pass at each Euler step and builds per-unit tokens
 for every layer; its *encoded* drift (the paper's design) encodes the support
 set once, layer by layer, and integrates without a pass of the backbone. For
@@ -19,14 +19,14 @@ each program: "alloc" = temp + output bytes, "peak" = alloc + argument bytes
 (the weights, the drift's parameters and the support set). The table gives GD /
 HyperFlow ratios (> 1: HyperFlow cheaper).
 
-``--conv`` does the same for 1-D CNN backbones (``hyperflow_bias.ConvBackbone``:
+``--conv`` does the same for 1-D CNN backbones (``hyperflow.bias.ConvBackbone``:
 ``depth`` SAME convolutions of ``width`` channels, kernel 5, on the length-40
 input, then the average over positions): there GD keeps every layer's
 (N, 40, width) activations, while HyperFlow's passes go one support example at a
 time and keep per-channel statistics, as the paper's vision transformers keep
 tokens x channels activations against a few hundred biases. Each method's time
 and memory there are its best under the two implementations of the convolution
-(``hyperflow_bias.conv_same``'s shifted products, fast on a CPU, and XLA's
+(``hyperflow.bias.conv_same``'s shifted products, fast on a CPU, and XLA's
 convolution, leaner in memory; ``experiments/benchmarks/conv1d_impl.py``).
 """
 
@@ -55,7 +55,7 @@ def main():
     import numpy as np
 
     from metagrad import hyperflow as hf
-    from metagrad import hyperflow_bias as hb
+    from metagrad.hyperflow import bias as hb
     from metagrad.report import format_table, write_json
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/

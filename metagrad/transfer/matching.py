@@ -48,8 +48,8 @@ import numpy as np
 import optax
 from scipy.optimize import linear_sum_assignment
 
-from .progress import progress_bar
-from .trajectory import Trajectory
+from ..progress import progress_bar
+from ..trajectory import Trajectory
 
 Path = tuple  # a tuple of dict keys from the root of the parameter pytree to a leaf
 
@@ -288,7 +288,7 @@ def apply_permutation(spec: PermutationSpec, perms: dict, params):
     return _permute(spec, perms, params)
 
 
-def _cost_matrix(spec: PermutationSpec, name: str, perms: dict, g1, g2, axes=None) -> np.ndarray:
+def cost_matrix(spec: PermutationSpec, name: str, perms: dict, g1, g2, axes=None) -> np.ndarray:
     """``C[a, b] = sum_i <g2_i[unit a], (pi_{-name} g1_i)[unit b]>`` over every axis of ``name``.
 
     ``g1``/``g2`` are stacked gradients as numpy arrays (leading axis: trajectory
@@ -331,7 +331,7 @@ def _unary_start(spec: PermutationSpec, g1, g2) -> dict:
     for name, size, axes in spec.perms:
         own = tuple((path, axis) for path, axis in axes if touched[path] == {name})
         if own:
-            _, cols = linear_sum_assignment(_cost_matrix(spec, name, None, g1, g2, own), maximize=True)
+            _, cols = linear_sum_assignment(cost_matrix(spec, name, None, g1, g2, own), maximize=True)
             perms[name] = cols.astype(np.int32)
         else:
             perms[name] = np.arange(size, dtype=np.int32)
@@ -345,7 +345,7 @@ def _objective(spec, perms, g1, g2) -> float:
                      for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1p))))
 
 
-def _coordinate_ascent(spec, perms, g1, g2, rng, max_iter, order=None):
+def coordinate_ascent(spec, perms, g1, g2, rng, max_iter, order=None):
     """Alternating linear assignments from ``perms`` until a pass changes nothing (modifies a copy).
 
     A permutation already solved against the current values of all the others
@@ -367,7 +367,7 @@ def _coordinate_ascent(spec, perms, g1, g2, rng, max_iter, order=None):
             name = names[idx]
             if solved_against.get(name) == others(name):
                 continue
-            cost = _cost_matrix(spec, name, perms, g1, g2)
+            cost = cost_matrix(spec, name, perms, g1, g2)
             rows, cols = linear_sum_assignment(cost, maximize=True)
             old = cost[np.arange(len(cols)), perms[name]].sum()
             new = cost[rows, cols].sum()
@@ -421,7 +421,7 @@ def match_gradients(spec: PermutationSpec, g1, g2, *, init: dict | None = None, 
     for start in starts:
         for r in range(max(int(restarts), 1)):
             order = np.arange(len(spec.names)) if r == 0 else None
-            perms = _coordinate_ascent(spec, start, g1, g2, rng, max_iter, order)
+            perms = coordinate_ascent(spec, start, g1, g2, rng, max_iter, order)
             obj = _objective(spec, perms, g1, g2)
             if best is None or obj > best_obj + 1e-12 * abs(best_obj):
                 best, best_obj = perms, obj
@@ -467,7 +467,7 @@ def _stack(trees, length: int | None = None):
     """Stack pytrees (host-side numpy) along a new leading axis, zero-padded to ``length``.
 
     The padding (to a multiple of ``PAD_MULTIPLE`` in GMT/FGMT) keeps the operand shapes of the jitted products
-    in :func:`_cost_matrix` to a few, so they compile a few times, not once per ``s``."""
+    in :func:`cost_matrix` to a few, so they compile a few times, not once per ``s``."""
     length = len(trees) if length is None else length
 
     def stack(*xs):
@@ -708,10 +708,3 @@ def reestimate_batch_stats(model, variables: dict, x, **apply_kwargs) -> dict:
     # at0 = (1 - m) * batch, at1 = m + (1 - m) * batch  =>  1 - m = 1 - (at1 - at0)
     new = jax.tree.map(lambda a, b: a / (1.0 - (b - a)), at0, at1)
     return {**variables, "batch_stats": new}
-
-
-__all__ = [
-    "NonFiniteGradientError", "PermutationSpec", "TransferResult", "UnsupportedModelError", "apply_permutation",
-    "check_spec", "fgmt", "gmt", "identity_permutation", "inverse_permutation", "match_gradients", "naive_transfer",
-    "oracle", "permutation_spec", "problem_gradient", "random_permutation", "reestimate_batch_stats", "transfer_params",
-]

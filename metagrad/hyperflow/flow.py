@@ -46,10 +46,10 @@ import numpy as np
 import optax
 from jax import lax
 
-from .data import Dataset
-from .models import MLP
-from .progress import progress_bar
-from .training import TrainingProblem
+from ..data import Dataset
+from ..models import MLP
+from ..progress import progress_bar
+from ..training import TrainingProblem
 
 INTERPOLATIONS = ("linear", "piecewise", "cubic")
 
@@ -128,7 +128,7 @@ class DriftConfig:
         either way (equal to float rounding); chunks bound its scratch memory by one chunk's hidden
         activations instead of ``N x K x hidden``, at some time per evaluation. Meta-training keeps None
         (it differentiates the drift, and a loop is slower to differentiate); the adaptation entry points
-        (:meth:`HyperFlow.adapt`, :func:`metagrad.hyperflow_bias.adapt`) set it from their own
+        (:meth:`HyperFlow.adapt`, :func:`metagrad.hyperflow.bias.adapt`) set it from their own
         ``examples_per_chunk`` argument, :data:`ADAPT_EXAMPLES_PER_CHUNK` (5) by default. Measured on a
         2-core CPU (5-way 5-shot, pair MLP width 64, 8 Euler steps on a 40-128-64 MLP's features): the
         adaptation's allocation is 72.8 KiB with None, 29.0 KiB with 5 and 21.6 KiB with 1, its time 0.42,
@@ -152,7 +152,8 @@ _PAIR_IN, _CLASS_IN = 10, 6
 ADAPT_EXAMPLES_PER_CHUNK = 5  # the adaptation entry points' default DriftConfig.examples_per_chunk
 
 
-def _mlp_init(key, sizes):
+def mlp_init(key, sizes):
+    """Parameters of a small tanh MLP with layer widths ``sizes`` (the drift's building block)."""
     layers = []
     for i, (m, n) in enumerate(zip(sizes[:-1], sizes[1:])):
         k = jax.random.fold_in(key, i)
@@ -163,7 +164,8 @@ def _mlp_init(key, sizes):
     return layers
 
 
-def _mlp_apply(layers, x):
+def mlp_apply(layers, x):
+    """The MLP of :func:`mlp_init` on ``x`` (tanh between layers, linear output)."""
     for i, layer in enumerate(layers):
         x = x @ layer["w"] + layer["b"]
         if i < len(layers) - 1:
@@ -173,15 +175,15 @@ def _mlp_apply(layers, x):
 
 def init_drift(key, config: DriftConfig):
     """Parameters ``phi`` of the drift network (two token MLPs)."""
-    return {"pair": _mlp_init(jax.random.fold_in(key, 0), (_PAIR_IN, config.hidden, config.hidden, 2)),
-            "cls": _mlp_init(jax.random.fold_in(key, 1), (_CLASS_IN, config.hidden, 3))}
+    return {"pair": mlp_init(jax.random.fold_in(key, 0), (_PAIR_IN, config.hidden, config.hidden, 2)),
+            "cls": mlp_init(jax.random.fold_in(key, 1), (_CLASS_IN, config.hidden, 3))}
 
 
 def _pair_coefficients(pair_mlp, pair, examples_per_chunk):
     """The pair MLP on the (N, K, features) tokens: all at once, or ``examples_per_chunk`` examples at a time."""
     if examples_per_chunk is None or examples_per_chunk >= pair.shape[0]:
-        return _mlp_apply(pair_mlp, pair)
-    return lax.map(functools.partial(_mlp_apply, pair_mlp), pair,
+        return mlp_apply(pair_mlp, pair)
+    return lax.map(functools.partial(mlp_apply, pair_mlp), pair,
                    batch_size=None if examples_per_chunk == 1 else examples_per_chunk)
 
 
@@ -217,7 +219,7 @@ def drift(phi, head, t, feats, y_onehot, config: DriftConfig):
     cls_in = jnp.stack([own, other, jnp.linalg.norm(kernel, axis=0) / (2 * config.scale),
                         head["bias"] / config.scale, jnp.full((k,), t, feats.dtype),
                         jnp.sin(jnp.pi * t) * jnp.ones(k)], -1)
-    ccoef = _mlp_apply(phi["cls"], cls_in)  # (K, 3)
+    ccoef = mlp_apply(phi["cls"], cls_in)  # (K, 3)
     v_kernel = feats.T @ coef[..., 0] / n + ccoef[:, 0] * kernel / config.scale + ccoef[:, 1] * mu.T
     v_bias = jnp.mean(coef[..., 1], 0) + ccoef[:, 2]
     vs = config.velocity_scale
@@ -259,7 +261,11 @@ def rollout_divergence(drift_fn, log_probs_fn, parameter_error, path, num_euler:
 
 
 @functools.partial(jax.jit, static_argnames=("hidden", "config", "num_steps"))
-def _adapt(phi, backbone, head0, support_x, support_y, step_size, *, hidden, config, num_steps):
+def adapt_head(phi, backbone, head0, support_x, support_y, step_size, *, hidden, config, num_steps):
+    """The head after ``num_steps`` Euler steps of the drift on a support set (compiled; no autodiff).
+
+    ``head0=None`` starts from the prototype head of the support features.
+    """
     feats = features(backbone, support_x, hidden)
     y1h = jax.nn.one_hot(support_y, config.ways, dtype=feats.dtype)
     if head0 is None:
@@ -301,7 +307,7 @@ class HyperFlow:
             raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}.")
         if step_size is None:
             step_size = 1.0 / num_steps if num_steps else 0.0
-        head = _adapt(self.phi, params["backbone"], params.get("head"), jnp.asarray(x), jnp.asarray(y),
+        head = adapt_head(self.phi, params["backbone"], params.get("head"), jnp.asarray(x), jnp.asarray(y),
                       jnp.asarray(step_size, jnp.float32), hidden=tuple(self.hidden),
                       config=with_examples_per_chunk(self.config, examples_per_chunk),
                       num_steps=int(num_steps))
@@ -397,7 +403,7 @@ def pretrain_backbone(data: Dataset, classes, *, hidden=(128, 64), num_steps=300
     (the classifier layer, the last ``Dense``, is dropped) and ``info`` holds
     the test accuracy on those classes and the wall time. ``model`` replaces
     the MLP of widths ``hidden`` (e.g. a
-    :class:`metagrad.hyperflow_bias.ConvBackbone` with ``num_classes=len(classes)``).
+    :class:`metagrad.hyperflow.bias.ConvBackbone` with ``num_classes=len(classes)``).
     """
     classes = list(classes)
     remap = np.full(data.num_classes, -1, np.int32)
@@ -447,7 +453,7 @@ def finetune_full(backbone, support_x, support_y, *, lr, num_steps, ways, scale,
 
     The features are the MLP's of :func:`features` with widths ``hidden``, or
     ``features_fn(backbone, x)`` for another kind of backbone (e.g.
-    :func:`metagrad.hyperflow_bias.backbone_features` for a 1-D CNN).
+    :func:`metagrad.hyperflow.bias.backbone_features` for a 1-D CNN).
     """
     if features_fn is None:
         if hidden is None:

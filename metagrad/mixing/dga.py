@@ -41,13 +41,9 @@ from jax import lax
 
 import replay
 
-from .data import Dataset, batch_indices
-from .models import init_params, takes_train_flag
+from ..data import Dataset, batch_indices
+from ..models import init_params, takes_train_flag
 
-__all__ = [
-    "DGA", "MixingProblem", "alignment_scores", "check_simplex", "dga_update", "exponentiated_gradient",
-    "importance_sampling_weights", "sample_domains",
-]
 
 
 # ------------------------------------------------------------------ the update rule
@@ -448,7 +444,7 @@ def importance_sampling_weights(domains, target_x, *, hidden: int = 64, num_step
     attributes to it (the importance-sampling baseline of Fan et al. 2024 with a
     classifier in place of embedding clusters). Inputs only: labels are ignored.
     """
-    from .models import MLP
+    from ..models import MLP
 
     xs = [np.asarray(_as_arrays(d)[0], np.float32).reshape(len(_as_arrays(d)[0]), -1) for d in domains]
     k = len(xs)
