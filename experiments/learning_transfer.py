@@ -87,7 +87,7 @@ def training_curve(problem, params, num_steps, every, accuracy):
     state = {"params": params, "opt_state": problem.optimizer.init(params)}
     steps, accs = [0], [accuracy(params)]
     for t0 in range(0, num_steps, every):
-        state = replay.compiled.advance(problem.step, state, {}, t0, t0 + every)
+        state = replay.advance(problem.step, state, {}, t0, t0 + every)
         steps.append(t0 + every)
         accs.append(accuracy(state["params"]))
     return {"steps": steps, "accuracy": accs}

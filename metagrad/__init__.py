@@ -1,15 +1,27 @@
-"""metagrad: differentiate, steer and reuse training runs in JAX."""
+"""metagrad: differentiate, steer and reuse training runs in JAX.
 
-from . import data, hyperflow, meta, mixing, models, trajectory, transfer
+The shared core: the Problem contract (:mod:`.problem`), metaparameters as
+plugins (:mod:`.meta`), data (:mod:`.data`), models (:mod:`.models`), the
+supervised problem (:mod:`.training`), metagradient descent (:mod:`.mgd`), the
+trajectory format (:mod:`.trajectory`) and the one resumable store
+(:mod:`.store`). The systems: :mod:`.apps` (MGD applications), :mod:`.mixing`
+(DGA), :mod:`.interactive`, :mod:`.transfer` and :mod:`.hyperflow`.
+"""
+
+from . import data, hyperflow, meta, mixing, models, problem, trajectory, transfer
 from .data import Dataset, batch_indices, from_arrays, from_tfds, mnist1d
-from .meta import DataWeights, LRSchedule, Poison, project_to_simplex
+from .meta import DataWeights, LRSchedule, Metaparameter, Poison, ProblemInfo, StepContext, project_to_simplex
 from .hyperflow import HyperFlow
 from .mixing import DGA, MixingProblem
-from .models import CNN1D, MLP
+from .models import CNN1D, MLP, Classifier
+from .problem import FunctionProblem, Problem, check_problem, stream_key, train, train_and_evaluate
 from .training import TrainingProblem, shard_last_axis
 from .trajectory import Trajectory, record_trajectory
 
 __all__ = [
-    "CNN1D", "DGA", "HyperFlow", "DataWeights", "Dataset", "LRSchedule", "MLP", "MixingProblem", "Poison", "TrainingProblem", "Trajectory", "shard_last_axis", "record_trajectory", "trajectory", "transfer",
-    "batch_indices", "data", "hyperflow", "from_arrays", "from_tfds", "meta", "mixing", "mnist1d", "models", "project_to_simplex",
+    "CNN1D", "Classifier", "DGA", "DataWeights", "Dataset", "FunctionProblem", "HyperFlow", "LRSchedule", "MLP",
+    "Metaparameter", "MixingProblem", "Poison", "Problem", "ProblemInfo", "StepContext", "TrainingProblem",
+    "Trajectory", "batch_indices", "check_problem", "data", "from_arrays", "from_tfds", "hyperflow", "meta",
+    "mixing", "mnist1d", "models", "problem", "project_to_simplex", "record_trajectory", "shard_last_axis",
+    "stream_key", "train", "train_and_evaluate", "trajectory", "transfer",
 ]

@@ -77,6 +77,8 @@ class Dataset:
 
     def astype(self, dtype) -> "Dataset":
         """The same dataset with inputs cast to ``dtype`` (labels stay integer)."""
+        if all(np.asarray(x).dtype == np.dtype(dtype) for x in (self.x_train, self.x_val, self.x_test)):
+            return self
         cast = lambda x: np.asarray(x, dtype=dtype)  # noqa: E731
         return dataclasses.replace(self, x_train=cast(self.x_train), x_val=cast(self.x_val), x_test=cast(self.x_test))
 

@@ -1,36 +1,184 @@
-"""Metaparameters: named parts of one pytree, each with its parametrization and projection.
+"""Metaparameters as plugins: each kind is a value with ``init``, ``project`` and the one hook by which it enters a step.
 
-A metaparameter *spec* is a static value (hashable, no arrays that change); the
-metaparameter *values* live in a dict ``{"lr_schedule": ..., "data_weights": ...,
-"poison": ...}`` that REPLAY differentiates and MGD updates. After each
-metagradient step, ``spec.project(value)`` maps a value back to its feasible set.
+In the style of optax's transformations, a metaparameter *spec* is a static,
+hashable value; its *value* is an array in the dict ``meta`` that REPLAY
+differentiates and MGD updates (``meta[spec.name]``). A problem loops over its
+specs and never branches on their names, so a new kind of metaparameter is one
+new subclass of :class:`Metaparameter`:
+
+* ``init(info)`` -- the initial value for a problem described by :class:`ProblemInfo`;
+* ``project(value, info)`` -- back to the feasible set after a metagradient step;
+* one hook into the step (the others are the identity):
+
+  - ``prepare_batch(value, batch, ctx)`` -- change the batch (``x``, ``y``,
+    per-example ``weights``) before the loss: poison perturbs inputs, data
+    weights weight the per-example losses; list the batch entries it makes
+    depend on the value in ``batch_inputs``;
+  - ``wrap_update(value, update, ctx)`` -- wrap the optimizer's
+    ``update(grads, opt_state, params) -> (updates, opt_state)``: the LR
+    schedule scales the final update, a weight-decay schedule adds its decay.
+
+* ``data_arrays(info)`` (optional) -- arrays the hook needs that grow with the
+  data (e.g. poison's slot of every training example); the problem passes them
+  to its compiled programs as arguments (``ctx.arrays``), never as constants.
+
+Engstrom et al., "Optimizing ML Training with Metagradient Descent", arXiv
+2503.13751 (2025), optimize all three built-in kinds.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = [
+    "DataWeights", "LRSchedule", "Metaparameter", "Poison", "ProblemInfo", "StepContext", "has_injected_lr",
+    "project_to_simplex",
+]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProblemInfo:
+    """What a metaparameter may know of the problem it is part of (host-side values, no tracers).
+
+    Attributes:
+      num_steps: ``T``.
+      num_train: training examples ``N``.
+      input_shape: the shape of one input.
+      dtype: the dtype of parameters, inputs and metaparameters.
+      x_train: the training inputs (a NumPy array), for projections that keep inputs valid.
+      input_range: ``(lo, hi)``, the valid range of input values (scalars or per-feature arrays).
+      learning_rate: the optimizer's injected initial learning rate (``None`` when it has none).
+    """
+
+    num_steps: int
+    num_train: int
+    input_shape: tuple
+    dtype: Any
+    x_train: Any = None
+    input_range: tuple = (-np.inf, np.inf)
+    learning_rate: float | None = None
+
 
 @dataclasses.dataclass(frozen=True)
-class LRSchedule:
+class StepContext:
+    """What a hook sees inside a step (traced values).
+
+    Attributes:
+      t: the step index (an int32 scalar).
+      num_steps: ``T`` (a Python int).
+      indices: the training examples of the step's batch.
+      params: the parameters before the step.
+      arrays: ``{spec.name: data_arrays(info)}`` as device arrays (jit arguments).
+    """
+
+    t: Any
+    num_steps: int
+    indices: Any
+    params: Any
+    arrays: dict
+
+
+class Metaparameter(abc.ABC):
+    """A kind of metaparameter (see the module docstring). Subclasses are frozen dataclasses.
+
+    ``name`` is the key of its value in ``meta``; two specs of one problem need different names.
+    """
+
+    name: ClassVar[str]
+    #: entries of the batch that ``prepare_batch`` makes depend on the value (differentiated by the inner gradient).
+    batch_inputs: ClassVar[tuple[str, ...]] = ()
+
+    @abc.abstractmethod
+    def init(self, info: ProblemInfo):
+        """The initial value."""
+
+    def project(self, value, info: ProblemInfo | None = None):
+        """``value`` mapped back to its feasible set (default: unconstrained)."""
+        return value
+
+    def shape(self, info: ProblemInfo) -> tuple[int, ...]:
+        """The shape of the value for this problem."""
+        return tuple(np.shape(jax.eval_shape(lambda: self.init(info))))
+
+    def describe_shape(self, info: ProblemInfo) -> str:
+        """Why the value has :meth:`shape` (for error messages)."""
+        return f"as {type(self).__name__}.init gives"
+
+    def check(self, info: ProblemInfo) -> None:
+        """Raise ``ValueError`` saying what to change when the spec does not fit the problem."""
+
+    def data_arrays(self, info: ProblemInfo) -> dict:
+        """Arrays the hooks need that grow with the data, passed to the step as ``ctx.arrays[self.name]``."""
+        return {}
+
+    def prepare_batch(self, value, batch: dict, ctx: StepContext) -> dict:
+        """The batch (``x``, ``y``, ``weights``) with this metaparameter applied (default: unchanged)."""
+        return batch
+
+    def wrap_update(self, value, update: Callable, ctx: StepContext) -> Callable:
+        """``update(grads, opt_state, params) -> (updates, opt_state)`` with this metaparameter applied."""
+        return update
+
+
+def has_injected_lr(opt_state) -> bool:
+    """Whether the outermost optimizer state exposes ``learning_rate`` (``optax.inject_hyperparams``)."""
+    return hasattr(opt_state, "hyperparams") and "learning_rate" in opt_state.hyperparams
+
+
+@dataclasses.dataclass(frozen=True)
+class LRSchedule(Metaparameter):
     """A piecewise-linear learning-rate schedule: ``num_knots`` values evenly spaced over steps ``0 .. T-1``.
 
     With ``num_knots == T`` it is a per-step learning rate. Projection keeps it non-negative.
+
+    How it enters the step depends on the optimizer, so that any optax
+    ``GradientTransformation`` works, chains included:
+
+    * when the outermost optimizer state exposes ``learning_rate``
+      (``optax.inject_hyperparams``), the schedule *sets* it at every step: its
+      values are learning rates;
+    * otherwise the schedule *multiplies the optimizer's final update*: its
+      values are multipliers of the optimizer's own learning rate (``1.0``
+      keeps it). For every optimizer whose update is linear in its learning
+      rate (SGD with or without momentum, Adam, AdamW including its decoupled
+      weight decay, Lion, RMSProp, and chains that clip the *gradients* before
+      them, e.g. ``optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))``)
+      this is exactly a learning-rate schedule. For a chain that transforms the
+      update after its learning rate is applied (e.g. clipping the *updates*),
+      it is a schedule on the final step size instead.
+
+    ``init_value=None`` starts at the optimizer's own rate (its injected
+    learning rate, or a multiplier of 1).
     """
 
     num_knots: int = 10
-    init_value: float = 0.1
+    init_value: float | None = None
+
+    name: ClassVar[str] = "lr_schedule"
 
     def __post_init__(self):
-        if self.num_knots < 1:
-            raise ValueError(f"LRSchedule needs num_knots >= 1, got {self.num_knots}.")
+        if not isinstance(self.num_knots, int) or self.num_knots < 1:
+            raise ValueError(f"LRSchedule needs num_knots >= 1, got {self.num_knots!r}.")
+        if self.init_value is not None and not self.init_value >= 0:
+            raise ValueError(f"LRSchedule.init_value must be >= 0 (or None), got {self.init_value}.")
 
-    def init(self, num_steps: int, dtype=jnp.float32):
-        return jnp.full((self.num_knots,), self.init_value, dtype)
+    def init(self, info, dtype=None):
+        """``num_knots`` copies of ``init_value`` (of the optimizer's own rate when it is ``None``).
+
+        ``info`` is a :class:`ProblemInfo` (or, as before, the number of steps, with ``dtype``).
+        """
+        if isinstance(info, ProblemInfo):
+            own = 1.0 if info.learning_rate is None else info.learning_rate
+            dtype = info.dtype
+        else:
+            own, dtype = 1.0, dtype or jnp.float32
+        return jnp.full((self.num_knots,), own if self.init_value is None else self.init_value, dtype)
 
     def positions(self, num_steps: int):
         return jnp.linspace(0.0, float(max(num_steps - 1, 1)), self.num_knots)
@@ -45,11 +193,29 @@ class LRSchedule:
         """The learning rate at every step, as an array of length ``num_steps``."""
         return jax.vmap(lambda t: self.value_at(knots, t, num_steps))(jnp.arange(num_steps))
 
-    def project(self, knots):
+    def project(self, knots, info=None):
         return jnp.maximum(knots, 0.0)
+
+    def shape(self, info) -> tuple[int, ...]:
+        return (self.num_knots,)
+
+    def describe_shape(self, info) -> str:
+        return f"one value per knot, num_knots={self.num_knots}"
 
     def expected_shape(self, problem) -> tuple[int, ...]:
         return (self.num_knots,)
+
+    def wrap_update(self, knots, update, ctx):
+        def scheduled(grads, opt_state, params):
+            rate = self.value_at(knots, ctx.t, ctx.num_steps)
+            if has_injected_lr(opt_state):
+                old = opt_state.hyperparams["learning_rate"]
+                hyper = {**opt_state.hyperparams, "learning_rate": rate.astype(jnp.result_type(old))}
+                return update(grads, opt_state._replace(hyperparams=hyper), params)
+            updates, opt_state = update(grads, opt_state, params)
+            return jax.tree.map(lambda u: u * rate.astype(u.dtype), updates), opt_state
+
+        return scheduled
 
 
 def project_to_simplex(v, total: float = 1.0):
@@ -64,7 +230,7 @@ def project_to_simplex(v, total: float = 1.0):
 
 
 @dataclasses.dataclass(frozen=True)
-class DataWeights:
+class DataWeights(Metaparameter):
     """One weight per training example, multiplying its loss.
 
     ``constraint="box"`` clips to ``[lower, upper]``; ``"simplex"`` projects onto
@@ -76,26 +242,40 @@ class DataWeights:
     lower: float = 0.0
     upper: float = 1.0
 
+    name: ClassVar[str] = "data_weights"
+    batch_inputs: ClassVar[tuple[str, ...]] = ("weights",)
+
     def __post_init__(self):
         if self.constraint not in ("box", "simplex"):
             raise ValueError(f"DataWeights.constraint must be 'box' or 'simplex', got {self.constraint!r}.")
         if self.lower > self.upper:
             raise ValueError(f"DataWeights needs lower <= upper, got [{self.lower}, {self.upper}].")
 
-    def init(self, num_examples: int, dtype=jnp.float32):
-        return jnp.full((num_examples,), self.init_value, dtype)
+    def init(self, info, dtype=None):
+        num = info.num_train if isinstance(info, ProblemInfo) else int(info)
+        dtype = info.dtype if isinstance(info, ProblemInfo) else (dtype or jnp.float32)
+        return jnp.full((num,), self.init_value, dtype)
 
-    def project(self, weights):
+    def project(self, weights, info=None):
         if self.constraint == "box":
             return jnp.clip(weights, self.lower, self.upper)
         return project_to_simplex(weights, total=float(weights.shape[0]))
 
+    def shape(self, info) -> tuple[int, ...]:
+        return (info.num_train,)
+
+    def describe_shape(self, info) -> str:
+        return f"one weight per training example, {info.num_train} of them"
+
     def expected_shape(self, problem) -> tuple[int, ...]:
         return (problem.data.num_train,)
 
+    def prepare_batch(self, weights, batch, ctx):
+        return {**batch, "weights": batch["weights"] * weights[ctx.indices]}
+
 
 @dataclasses.dataclass(frozen=True)
-class Poison:
+class Poison(Metaparameter):
     """Additive perturbations of the training inputs at ``indices``, in an L-inf ball of radius ``eps``.
 
     Projection clips each perturbation to ``[-eps, eps]`` and keeps the perturbed
@@ -104,6 +284,9 @@ class Poison:
 
     indices: tuple[int, ...]
     eps: float = 0.5
+
+    name: ClassVar[str] = "poison"
+    batch_inputs: ClassVar[tuple[str, ...]] = ("x",)
 
     def __post_init__(self):
         object.__setattr__(self, "indices", tuple(int(i) for i in self.indices))
@@ -115,12 +298,22 @@ class Poison:
     @classmethod
     def random_subset(cls, num_examples: int, fraction: float, eps: float, seed: int = 0) -> "Poison":
         """Poison a random ``fraction`` of the ``num_examples`` training examples."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
         count = max(1, int(round(fraction * num_examples)))
         chosen = np.sort(np.random.default_rng(seed).choice(num_examples, count, replace=False))
         return cls(tuple(chosen.tolist()), eps)
 
-    def init(self, input_shape, dtype=jnp.float32):
-        return jnp.zeros((len(self.indices), *input_shape), dtype)
+    def init(self, info, dtype=None):
+        shape = info.input_shape if isinstance(info, ProblemInfo) else tuple(info)
+        dtype = info.dtype if isinstance(info, ProblemInfo) else (dtype or jnp.float32)
+        return jnp.zeros((len(self.indices), *shape), dtype)
+
+    def check(self, info) -> None:
+        if max(self.indices, default=-1) >= info.num_train or min(self.indices, default=0) < 0:
+            raise ValueError(
+                f"Poison.indices reach {max(self.indices)} but the training set has {info.num_train} examples."
+            )
 
     def slot_of_example(self, num_examples: int):
         """Array mapping each training example to its row of the perturbation (-1 if not poisoned)."""
@@ -128,10 +321,29 @@ class Poison:
         slots[list(self.indices)] = np.arange(len(self.indices), dtype=np.int32)
         return slots
 
-    def project(self, delta, clean_inputs, input_range):
+    def data_arrays(self, info) -> dict:
+        return {"slots": self.slot_of_example(info.num_train)}
+
+    def project(self, delta, clean_inputs=None, input_range=None):
+        if isinstance(clean_inputs, ProblemInfo):
+            info = clean_inputs
+            clean_inputs, input_range = jnp.asarray(info.x_train[list(self.indices)]), info.input_range
         lo, hi = input_range
         delta = jnp.clip(delta, -self.eps, self.eps)
         return jnp.clip(clean_inputs + delta, lo, hi) - clean_inputs
 
+    def shape(self, info) -> tuple[int, ...]:
+        return (len(self.indices), *info.input_shape)
+
+    def describe_shape(self, info) -> str:
+        return "one perturbation per poisoned example, shaped like an input"
+
     def expected_shape(self, problem) -> tuple[int, ...]:
         return (len(self.indices), *problem.data.input_shape)
+
+    def prepare_batch(self, delta, batch, ctx):
+        x = batch["x"]
+        slot = ctx.arrays[self.name]["slots"][ctx.indices]
+        rows = delta[jnp.maximum(slot, 0)]
+        mask = (slot >= 0).reshape((-1,) + (1,) * (x.ndim - 1))
+        return {**batch, "x": x + jnp.where(mask, rows, jnp.zeros_like(rows))}

@@ -21,8 +21,10 @@ import optax
 from replay.errors import NonFiniteMetagradError
 from replay.trees import nonfinite_paths
 
+from .problem import Problem
+from .problem import value_and_metagrad as problem_value_and_metagrad
 from .progress import progress_bar
-from .report import changed_settings
+from .store import RunStore
 
 logger = logging.getLogger("metagrad")
 
@@ -39,97 +41,50 @@ class MGDResult:
 
 
 class MGDCheckpointer:
-    """Saves ``(meta, optimizer state, best meta)`` plus the JSON log after every meta-step with orbax.
+    """MGD's state after every meta-step, as pytree checkpoints ``"mgd"`` of a :class:`~metagrad.store.RunStore`.
 
-    A killed run restarted with the same ``directory`` continues at the next
-    meta-step. An unreadable latest checkpoint falls back to the one before it
-    (with a warning), so no finished work is lost to a torn write.
+    A killed run restarted on the same store continues at the next meta-step;
+    an unreadable latest checkpoint falls back to the one before it (with a
+    warning), so no finished work is lost to a torn write.
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 2):
-        import orbax.checkpoint as ocp
+    NAME = "mgd"
 
-        self._ocp = ocp
-        self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        )
+    def __init__(self, store):
+        self.store = store if isinstance(store, RunStore) else RunStore(store)
+        self.directory = self.store.directory
 
     def save(self, meta_step: int, state, history: list[dict]) -> None:
-        ocp = self._ocp
-        self.manager.save(
-            meta_step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), history=ocp.args.JsonSave({"log": history})),
-        )
+        self.store.save_tree(self.NAME, meta_step, state, {"log": history})
 
     def restore(self, like):
         """The latest readable ``(meta_step, state, history)``, or ``None`` when there is no checkpoint."""
-        ocp = self._ocp
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        errors = []
-        for step in steps:
-            try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like)),
-                        history=ocp.args.JsonRestore(),
-                    ),
-                )
-            except Exception as err:  # a torn or corrupt checkpoint: try the one before
-                logger.warning("MGD checkpoint %d in %s is unreadable (%s); trying an earlier one", step, self.directory, err)
-                errors.append(f"step {step}: {type(err).__name__}: {err}")
-                continue
-            return step, restored.state, list(restored.history["log"])
-        if errors:
-            raise RuntimeError(
-                f"every MGD checkpoint in {self.directory} is unreadable ({'; '.join(errors)}): "
-                "move that folder away to start afresh, or point checkpoint_dir elsewhere."
-            )
-        return None
+        restored = self.store.restore_tree(self.NAME, like)
+        if restored is None:
+            return None
+        step, state, metadata = restored
+        return step, state, list(metadata["log"])
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        self.store.close()
 
 
 def checkpoint_folder(out_dir: str, *, fresh: bool = False, settings: dict | None = None) -> str:
-    """``out_dir/mgd_checkpoints``: where a script's MGD run saves every meta-step, so a rerun resumes it.
+    """``out_dir/mgd_checkpoints``: the :class:`~metagrad.store.RunStore` where a script's MGD run saves every meta-step.
 
-    ``fresh=True`` deletes the checkpoints of an earlier run there first. With
-    ``settings`` (a JSON-able dict of what defines the run), they are stored in
-    the folder, and a rerun with other settings is refused instead of silently
-    resuming a different run.
+    ``fresh=True`` discards an earlier run's checkpoints there first. With
+    ``settings`` (a JSON-able dict of what defines the run) stored beside them,
+    reopening with other settings raises :class:`~metagrad.store.SettingsMismatchError`
+    instead of silently resuming a different run.
     """
-    import json
-    import shutil
-
     folder = os.path.join(out_dir, "mgd_checkpoints")
-    if fresh:
-        shutil.rmtree(folder, ignore_errors=True)
-    if settings is not None:
-        path = os.path.join(folder, "settings.json")
-        settings = json.loads(json.dumps(settings))
-        saved = None
-        if os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-        has_checkpoints = os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
-        if saved is not None and saved != settings and has_checkpoints:
-            changed = changed_settings(saved, settings)
-            raise ValueError(f"{folder} holds the checkpoints of a run with other settings ({', '.join(changed)}): "
-                             "pass --fresh to discard them, or choose another --out.")
-        if saved != settings:
-            os.makedirs(folder, exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(settings, f, indent=1)
+    RunStore(folder, settings, fresh=fresh).close()
     return folder
 
 
 def run_settings(args, ignore=("out", "fresh", "no_progress", "poison", "func", "eval_seeds", "meta_steps"), *,
                  extendable: bool = True) -> dict:
-    """The parsed command-line options that define an MGD run (for :func:`checkpoint_folder`).
+    """The parsed command-line options that define an MGD run (the ``settings`` of its store).
 
     The number of meta-steps is left out, so a rerun with more of them extends
     the saved run, unless ``extendable=False`` (e.g. when the meta-optimizer's
@@ -145,26 +100,32 @@ def _tree_norm(tree) -> float:
 
 def mgd(
     value_and_metagrad: Callable,
-    meta0,
+    meta0=None,
     *,
     optimizer: optax.GradientTransformation,
     num_meta_steps: int,
     project: Callable | None = None,
     checkpoint_dir: str | None = None,
+    store: RunStore | None = None,
     progress: bool = True,
     callback: Callable | None = None,
     pass_meta_step: bool = False,
+    metagrad_options: dict | None = None,
 ) -> MGDResult:
     """Minimize a metaobjective by projected first-order steps on its metagradient.
 
     Args:
-      value_and_metagrad: ``meta -> (value, grad)``, e.g. ``problem.value_and_metagrad``.
+      value_and_metagrad: ``meta -> (value, grad)``, e.g. ``problem.value_and_metagrad``;
+        or any :class:`metagrad.Problem`, whose metagradient REPLAY computes
+        (with ``metagrad_options``, e.g. ``{"k": 8}``), whose ``init_meta()`` is
+        the default ``meta0`` and whose ``project_meta`` the default ``project``.
       meta0: initial metaparameters (a pytree of float arrays).
       optimizer: an optax optimizer over the metaparameters (e.g. ``optax.adam(1e-2)``).
       num_meta_steps: total meta-steps (a resumed run does only the missing ones).
       project: maps metaparameters back to their feasible set after each update.
       checkpoint_dir: when given, state is saved there after every meta-step and
-        a restarted call resumes from it.
+        a restarted call resumes from it (a :class:`~metagrad.store.RunStore` in that folder).
+      store: the :class:`~metagrad.store.RunStore` to save into instead (its settings already checked).
       progress: show a progress bar.
       callback: called as ``callback(meta_step, meta, record)`` after each meta-step.
       pass_meta_step: call ``value_and_metagrad(meta, meta_step)`` instead, e.g.
@@ -176,15 +137,29 @@ def mgd(
     :class:`~replay.NonFiniteMetagradError` naming the meta-step; the checkpoint
     of the last good meta-step stays on disk.
     """
-    if num_meta_steps < 0:
-        raise ValueError(f"num_meta_steps must be >= 0, got {num_meta_steps}.")
+    if isinstance(value_and_metagrad, Problem):
+        problem, options = value_and_metagrad, dict(metagrad_options or {})
+        meta0 = problem.init_meta() if meta0 is None else meta0
+        project = project or problem.project_meta
+        if hasattr(problem, "value_and_metagrad"):
+            value_and_metagrad = lambda m: problem.value_and_metagrad(m, **options)  # noqa: E731
+        else:
+            value_and_metagrad = lambda m: problem_value_and_metagrad(problem, m, **options)  # noqa: E731
+    elif metagrad_options:
+        raise ValueError("metagrad_options apply when value_and_metagrad is a Problem; pass them to your function.")
+    if meta0 is None:
+        raise ValueError("give meta0, the initial metaparameters (or pass a Problem, whose init_meta() is used).")
+    if not isinstance(num_meta_steps, int) or num_meta_steps < 0:
+        raise ValueError(f"num_meta_steps must be an integer >= 0, got {num_meta_steps!r}.")
     project = project or (lambda m: m)
     meta = project(meta0)
     opt_state = optimizer.init(meta)
     history: list[dict] = []
     best_meta, best_value = meta, float("inf")
     start = 0
-    checkpointer = MGDCheckpointer(checkpoint_dir) if checkpoint_dir else None
+    if store is not None and checkpoint_dir is not None:
+        raise ValueError("give either store= or checkpoint_dir=, not both.")
+    checkpointer = MGDCheckpointer(store if store is not None else checkpoint_dir) if (store or checkpoint_dir) else None
     if checkpointer is not None:
         saved = checkpointer.restore({"meta": meta, "opt_state": opt_state, "best_meta": meta,
                                       "best_value": jnp.asarray(best_value)})

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Sequence
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 
 class MLP(nn.Module):
@@ -61,10 +64,60 @@ def takes_train_flag(model: nn.Module) -> bool:
 
 
 
+def _cast_floating(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
 def init_params(model: nn.Module, key, example_x, dtype):
     """``model``'s parameters initialized from ``key`` on ``example_x``, floating leaves cast to ``dtype``."""
-    import jax
-    import jax.numpy as jnp
+    return _cast_floating(model.init(key, example_x)["params"], dtype)
 
-    params = model.init(key, example_x)["params"]
-    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Classifier:
+    """A flax module as pure functions of ``(params, model_state, x)``: the one adapter every problem uses.
+
+    ``model_state`` holds the module's collections besides ``params`` (BatchNorm's
+    ``batch_stats``, or any other); those in ``mutable`` (default: all of them)
+    are updated in training mode and returned, in evaluation mode they are read
+    only. ``train=`` is passed when the module's ``__call__`` takes it, and the
+    ``dropout`` RNG stream in training mode.
+    """
+
+    model: nn.Module
+    mutable: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "takes_train", takes_train_flag(self.model))
+
+    def init(self, key, example_x, dtype):
+        """``(params, model_state)`` initialized from ``key``, floating leaves cast to ``dtype``."""
+        variables = dict(self.model.init(key, example_x))
+        params = variables.pop("params")
+        if self.mutable is not None:
+            unknown = set(self.mutable) - set(variables)
+            if unknown:
+                raise ValueError(
+                    f"mutable names collections {sorted(unknown)} that the model does not create "
+                    f"(it has {sorted(variables)}): name only those, or leave mutable=None for all of them."
+                )
+        return _cast_floating(params, dtype), _cast_floating(variables, dtype)
+
+    def logits(self, params, model_state, x, *, train: bool, rng=None):
+        """``(logits, model_state')``: the model in training or evaluation mode."""
+        kwargs = {"train": train} if self.takes_train else {}
+        rngs = {"dropout": rng} if (train and rng is not None) else None
+        variables = {"params": params, **model_state}
+        mutable = list(model_state) if self.mutable is None else list(self.mutable)
+        if not (train and mutable):
+            return self.model.apply(variables, x, rngs=rngs, **kwargs), model_state
+        logits, updated = self.model.apply(variables, x, rngs=rngs, mutable=mutable, **kwargs)
+        return logits, {**model_state, **updated}
+
+
+def loss_and_accuracy(logits, labels):
+    """Mean softmax cross-entropy and accuracy of ``logits`` against integer ``labels``."""
+    import optax
+
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    return loss, jnp.mean(jnp.argmax(logits, -1) == labels)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
+import shutil
 
 import numpy as np
+
+from .store import LoopProgress, RunStore, changed_settings, jsonable  # noqa: F401 - re-exported
 
 
 def format_table(header, rows) -> str:
@@ -24,21 +26,12 @@ def format_table(header, rows) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.ndarray, np.generic)) or hasattr(x, "__array__"):
-        arr = np.asarray(x)
-        return arr.item() if arr.ndim == 0 else arr.tolist()
-    return x
 
 
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(_jsonable(payload), f, indent=2)
+        json.dump(jsonable(payload), f, indent=2)
 
 
 def mean_std(values) -> dict:
@@ -57,9 +50,6 @@ def pyplot():
     return plt
 
 
-def changed_settings(saved: dict, settings: dict) -> list:
-    """The keys whose values differ between two settings dicts (either side may lack a key), sorted."""
-    return sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
 
 
 def source_fingerprint(*packages) -> str:
@@ -86,67 +76,26 @@ def library_source_fingerprint() -> str:
     return source_fingerprint(metagrad, replay)
 
 
-class FinishedParts:
-    """The finished parts of a long experiment, kept in one JSON file so a rerun skips them.
+class FinishedParts(RunStore):
+    """The finished parts of a long experiment, in a :class:`~metagrad.store.RunStore`, so a rerun skips them.
 
-    ``get(key)`` returns a part saved by an earlier (possibly killed) run, or
-    ``None``; ``put(key, value)`` saves one the moment it is done (written to a
-    temporary file, then renamed, so a kill never leaves a torn file);
-    ``clear()`` removes the file once the whole result is written. The
-    ``settings`` (a JSON-able dict of what defines the run) are stored with the
-    parts, together with a fingerprint of the ``metagrad`` and ``replay``
-    source (``"library_source"``; the experiment script itself is not part of
-    it, so a run that failed after its long parts can be fixed and resumed): a
-    rerun with other settings or library code is refused rather than mixing
-    two runs, and ``fresh=True`` discards what an earlier run left.
+    ``path`` names the store's folder (a ``.json`` suffix is dropped, so older
+    callers' paths still work). The ``settings`` are stored with a fingerprint
+    of the ``metagrad`` and ``replay`` source (``"library_source"``; the
+    experiment script itself is not part of it, so a run that failed after its
+    long parts can be fixed and resumed): a rerun with other settings or library
+    code is refused rather than mixing two runs, and ``fresh=True`` discards what
+    an earlier run left. ``clear()`` removes the folder once the whole result is written.
     """
 
     def __init__(self, path: str, settings: dict, *, fresh: bool = False):
-        self.path = path
-        self.settings = json.loads(json.dumps(_jsonable({**settings,
-                                                          "library_source": library_source_fingerprint()})))
-        self.parts: dict = {}
-        if fresh and os.path.exists(path):
-            os.remove(path)
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    saved = json.load(f)
-                saved_settings, parts = saved["settings"], saved["parts"]
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{path} is not a readable record of finished parts ({err}): pass --fresh to start "
-                                 "over, or delete the file.") from err
-            if saved_settings != self.settings:
-                changed = changed_settings(saved_settings, self.settings)
-                what = ("other metagrad/replay source code" if changed == ["library_source"] else
-                        f"other settings ({', '.join(changed)})")
-                raise ValueError(f"{path} holds the finished parts of a run with {what}: pass --fresh to discard "
-                                 "them, or choose another --out.")
-            self.parts = parts
-
-    def get(self, key: str):
-        return self.parts.get(key)
-
-    def put(self, key: str, value) -> None:
-        self.parts[key] = json.loads(json.dumps(_jsonable(value)))
-        self._write()
-
-    def _write(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"settings": self.settings, "parts": self.parts}, f)
-        os.replace(tmp, self.path)
-
-    def drop(self, key: str) -> None:
-        """Forget one part (e.g. a loop's progress once its result is saved as a part of its own)."""
-        if key in self.parts:
-            del self.parts[key]
-            self._write()
+        folder = path[:-len(".json")] if path.endswith(".json") else path
+        super().__init__(folder, {**settings, "library_source": library_source_fingerprint()}, fresh=fresh)
+        self.path = self.directory
 
     def clear(self) -> None:
-        if os.path.exists(self.path):
-            os.remove(self.path)
+        self.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def tree_to_json(tree) -> list:
@@ -175,41 +124,3 @@ def tree_from_json(leaves: list, template, what: str):
                              "--fresh to start over.")
         restored.append(array)
     return jax.tree.unflatten(treedef, restored)
-
-
-class LoopProgress:
-    """The progress of one long loop, kept as a part of a :class:`FinishedParts` record so a killed run resumes
-    mid-loop instead of from its start (e.g. the meta-training of a drift network: over an hour on a CPU).
-
-    The loop calls ``load(template)`` once: ``None``, or the ``(done, state, history)`` an earlier run saved, with
-    ``state`` a pytree of the template's structure, shapes and dtypes (float32 values survive JSON exactly, so the
-    resumed loop continues bit for bit). It then calls ``save(done, state, history, last=...)`` after each unit of
-    work; the record is written at most every ``every_seconds`` and always when ``last``. ``seconds`` is the loop's
-    time, the earlier runs' included (counted up to their last save); ``earlier_seconds`` those earlier runs' share.
-    """
-
-    def __init__(self, finished: FinishedParts, key: str, *, every_seconds: float = 30.0):
-        self.finished, self.key, self.every_seconds = finished, key, every_seconds
-        self.resumed_from, self.earlier_seconds = 0, 0.0
-        self._tic, self._last_save = time.perf_counter(), -float("inf")
-
-    @property
-    def seconds(self) -> float:
-        return self.earlier_seconds + time.perf_counter() - self._tic
-
-    def load(self, template):
-        self._tic = time.perf_counter()
-        saved = self.finished.get(self.key)
-        if saved is None:
-            return None
-        state = tree_from_json(saved["leaves"], template, f"{self.finished.path}: the saved progress of {self.key!r}")
-        self.resumed_from, self.earlier_seconds = int(saved["done"]), float(saved["seconds"])
-        return self.resumed_from, state, list(saved["history"])
-
-    def save(self, done: int, state, history, *, last: bool = False) -> None:
-        now = time.perf_counter()
-        if not last and now - self._last_save < self.every_seconds:
-            return
-        self._last_save = now
-        self.finished.put(self.key, {"done": int(done), "seconds": self.seconds, "history": list(history),
-                                     "leaves": tree_to_json(state)})

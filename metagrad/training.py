@@ -1,20 +1,29 @@
-"""The functional training loop shared by every system of metagrad.
+"""The supervised training problem: a flax model, an optax optimizer and a dataset as REPLAY's three functions.
 
-A :class:`TrainingProblem` turns a flax model, an optax optimizer and a dataset
-into the three pure functions of REPLAY's contract::
+A :class:`TrainingProblem` implements :class:`metagrad.Problem`::
 
     state_0     = problem.init_state()
     state_{t+1} = problem.step(state_t, meta, t)
     value       = problem.objective(state_T, meta)   # validation loss by default
 
-where ``meta`` is a dict of the named metaparameters the problem declares
-(:mod:`metagrad.meta`). The batch of step ``t``, dropout and every other random
-choice are functions of ``(seed, t)``, so any segment recomputes bit-for-bit.
+``meta`` is a dict of the problem's metaparameters (:mod:`metagrad.meta`),
+each entering the step through its own hook; the problem never branches on
+their names. The state is ``{"params", "opt_state"}`` plus ``"model_state"``
+when the model has mutable collections (BatchNorm's ``batch_stats``). The
+batch of step ``t``, dropout and every other random choice are functions of
+``(seed, t)`` (:func:`metagrad.problem.stream_key`), so any segment recomputes
+bit-for-bit. The data reach the compiled programs as arguments:
+``problem.step`` and ``problem.objective`` are ``jax.tree_util.Partial``
+objects holding the device arrays, placed once (sharded over the data axis
+when a mesh is given).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
+import weakref
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -26,48 +35,51 @@ import optax
 import replay
 
 from .data import Dataset, batch_indices
-from .meta import DataWeights, LRSchedule, Poison
-from .models import init_params, takes_train_flag
+from .meta import DataWeights, LRSchedule, Metaparameter, Poison, ProblemInfo, StepContext, has_injected_lr
+from .models import Classifier, loss_and_accuracy
+from .problem import run_key, stream_key
 
+SPLITS = ("train", "val", "test")
 
-def _has_injected_lr(opt_state) -> bool:
-    return hasattr(opt_state, "hyperparams") and "learning_rate" in opt_state.hyperparams
+#: The device copy of each dataset's splits, by placement (one copy however many problems share the dataset).
+_PLACED: "weakref.WeakKeyDictionary[Dataset, dict]" = weakref.WeakKeyDictionary()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainingProblem:
-    """A training run whose learning-rate schedule, data weights and poison are metaparameters.
+    """A supervised training run whose metaparameters are plugins (LR schedule, data weights, poison, ...).
 
     Args:
       model: a flax linen module mapping a batch of inputs to logits (``train=``
-        is passed when its ``__call__`` takes it).
-      optimizer: an optax optimizer built with ``optax.inject_hyperparams`` so
-        that its learning rate can be set at every step, e.g.
-        ``optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)``.
+        is passed when its ``__call__`` takes it). Mutable collections
+        (BatchNorm's ``batch_stats``, or those named in ``mutable``) are carried
+        in the state as ``state["model_state"]`` and differentiated through.
+      optimizer: any optax ``GradientTransformation``, chains included, with or
+        without ``optax.inject_hyperparams`` (see :class:`~metagrad.LRSchedule`
+        for how a schedule enters each).
       data: a :class:`~metagrad.data.Dataset`.
       num_steps: training steps ``T``.
       batch_size: examples per step.
       seed: keys initialization, batch order and dropout.
-      lr_schedule: the LR metaparameter's spec (``None`` keeps the optimizer's own LR).
-      data_weights, poison: optional metaparameter specs.
+      lr_schedule, data_weights, poison: the built-in metaparameter specs
+        (``None`` leaves one out; ``lr_schedule=None`` keeps the optimizer's own LR).
+      metaparameters: further :class:`~metagrad.meta.Metaparameter` specs (any new kind).
       param_dtype: dtype of parameters and inputs (use ``jnp.float64`` with x64 for exactness checks).
       objective_split: the split whose mean loss is the metaobjective.
       maximize: the metaobjective is the *negative* loss (for attacks), so minimizing it maximizes the loss.
       mesh: a ``jax.sharding.Mesh`` for data-parallel training: each batch is split
-        over the mesh axis ``data_axis``; REPLAY's stored states keep the state's
-        sharding. ``None``: one device.
+        over the mesh axis ``data_axis`` and the training set is stored sharded
+        over it; REPLAY's stored states keep the state's sharding. ``None``: one device.
       inner_grad: how the step's gradient is differentiated by the metagradient:
         ``"reverse"`` (``jax.grad``, so reverse-over-reverse) or
         ``"forward_over_reverse"`` (:func:`replay.mixed_mode_grad`: Hessian-vector
-        products by forward-over-reverse, Kemaev et al. 2025). Same values;
-        which is faster depends on the hardware and model (see BUILD_NOTES.md).
+        products by forward-over-reverse, Kemaev et al. 2025). Same values.
       model_axis: a second mesh axis over which parameters and optimizer state are
-        sharded (``None``: the state is replicated). Each state leaf is placed by
-        ``state_partition``.
+        sharded (``None``: the state is replicated), leaf by leaf by ``state_partition``.
       state_partition: ``(keypath, leaf) -> PartitionSpec`` for every leaf of the
-        state (parameters and optimizer state); default
-        :func:`shard_last_axis` over ``model_axis`` (a kernel's output features,
-        as in column-parallel layers; leaves that don't divide stay replicated).
+        state; default :func:`shard_last_axis` over ``model_axis``.
+      mutable: the model's collections updated in training (default: every
+        collection ``model.init`` returns besides ``params``).
     """
 
     model: nn.Module
@@ -79,6 +91,7 @@ class TrainingProblem:
     lr_schedule: LRSchedule | None = dataclasses.field(default_factory=LRSchedule)
     data_weights: DataWeights | None = None
     poison: Poison | None = None
+    metaparameters: tuple = ()
     param_dtype: Any = jnp.float32
     objective_split: str = "val"
     maximize: bool = False
@@ -87,19 +100,45 @@ class TrainingProblem:
     inner_grad: str = "reverse"
     model_axis: str | None = None
     state_partition: Callable | None = None
+    mutable: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+        if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1, got {self.num_steps!r}.")
+        if not isinstance(self.optimizer, optax.GradientTransformation):
+            raise TypeError(
+                f"optimizer must be an optax GradientTransformation (e.g. optax.adamw(1e-3)), "
+                f"got {type(self.optimizer).__name__}."
+            )
         if not 1 <= self.batch_size <= self.data.num_train:
             raise ValueError(
                 f"batch_size={self.batch_size} must be in [1, {self.data.num_train}] (the training set size)."
             )
-        if self.poison is not None and max(self.poison.indices, default=-1) >= self.data.num_train:
+        if self.objective_split not in SPLITS:
+            raise ValueError(f"objective_split={self.objective_split!r}: use one of {SPLITS}.")
+        self._check_mesh()
+        if self.inner_grad not in ("reverse", "forward_over_reverse"):
             raise ValueError(
-                f"Poison.indices reach {max(self.poison.indices)} but the training set has "
-                f"{self.data.num_train} examples."
+                f"inner_grad={self.inner_grad!r}: use 'reverse' (jax.grad) or 'forward_over_reverse' "
+                "(replay.mixed_mode_grad)."
             )
+        specs = self.meta_specs()
+        object.__setattr__(self, "data", self.data.astype(self.param_dtype))
+        object.__setattr__(self, "_classifier", Classifier(self.model, self.mutable))
+        info = self.info()
+        for spec in specs.values():
+            spec.check(info)
+        object.__setattr__(self, "_info", info)
+        object.__setattr__(self, "_diff_inputs", tuple(sorted({k for s in specs.values() for k in s.batch_inputs})))
+        grad_fn = (jax.grad(self._batch_loss, has_aux=True) if self.inner_grad == "reverse"
+                   else _mixed_mode_with_aux(self._batch_loss))
+        object.__setattr__(self, "_grad_fn", grad_fn)
+        object.__setattr__(self, "_arrays", self._place_data(specs, info))
+        object.__setattr__(self, "step", jax.tree_util.Partial(self.step_on, self._arrays["train"]))
+        split = {"x": self._arrays[self.objective_split]["x"], "y": self._arrays[self.objective_split]["y"]}
+        object.__setattr__(self, "objective", jax.tree_util.Partial(self.objective_on, split))
+
+    def _check_mesh(self):
         if self.mesh is not None:
             if self.data_axis not in self.mesh.axis_names:
                 raise ValueError(f"data_axis={self.data_axis!r} is not an axis of the mesh {self.mesh.axis_names}.")
@@ -109,11 +148,6 @@ class TrainingProblem:
                     f"batch_size={self.batch_size} must be divisible by the {devices} devices of mesh axis "
                     f"{self.data_axis!r} for data-parallel training."
                 )
-        if self.inner_grad not in ("reverse", "forward_over_reverse"):
-            raise ValueError(
-                f"inner_grad={self.inner_grad!r}: use 'reverse' (jax.grad) or 'forward_over_reverse' "
-                "(replay.mixed_mode_grad)."
-            )
         if self.model_axis is not None and (self.mesh is None or self.model_axis not in self.mesh.axis_names):
             axes = None if self.mesh is None else self.mesh.axis_names
             raise ValueError(
@@ -122,93 +156,119 @@ class TrainingProblem:
             )
         if self.state_partition is not None and self.mesh is None:
             raise ValueError("state_partition places the state on a mesh: pass mesh= as well.")
-        object.__setattr__(self, "data", self.data.astype(self.param_dtype))
-        object.__setattr__(self, "_train_flag", takes_train_flag(self.model))
-        grad_fn = jax.grad(self._batch_loss) if self.inner_grad == "reverse" else replay.mixed_mode_grad(self._batch_loss)
-        object.__setattr__(self, "_grad_fn", grad_fn)
-        slots = None if self.poison is None else self.poison.slot_of_example(self.data.num_train)
-        object.__setattr__(self, "_poison_slots", slots)
-        probe = self.optimizer.init({"w": jnp.zeros((1,), self.param_dtype)})
-        if self.lr_schedule is not None and not _has_injected_lr(probe):
-            raise TypeError(
-                "the optimizer must expose its learning rate as an injected hyperparameter so the schedule "
-                "can set it each step: build it as optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, ...)."
-            )
 
     # ----------------------------------------------------------------- metaparameters
     def meta_specs(self) -> dict:
-        """The declared metaparameter specs by name."""
-        specs = {"lr_schedule": self.lr_schedule, "data_weights": self.data_weights, "poison": self.poison}
-        return {name: spec for name, spec in specs.items() if spec is not None}
+        """The declared metaparameter specs by name (the built-in three, then ``metaparameters``)."""
+        specs = [s for s in (self.lr_schedule, self.data_weights, self.poison) if s is not None]
+        specs += list(self.metaparameters)
+        out = {}
+        for spec in specs:
+            if not isinstance(spec, Metaparameter):
+                raise TypeError(f"{spec!r} is not a metagrad.meta.Metaparameter: subclass it to add a new kind.")
+            if spec.name in out:
+                raise ValueError(f"two metaparameters are named {spec.name!r}: give each kind once.")
+            out[spec.name] = spec
+        return out
+
+    def info(self) -> ProblemInfo:
+        """What the metaparameters may know of this problem (:class:`~metagrad.meta.ProblemInfo`)."""
+        cached = self.__dict__.get("_info")
+        if cached is not None:
+            return cached
+        probe = self.optimizer.init({"w": jnp.zeros((1,), self.param_dtype)})
+        lr = float(probe.hyperparams["learning_rate"]) if has_injected_lr(probe) else None
+        return ProblemInfo(num_steps=self.num_steps, num_train=self.data.num_train,
+                           input_shape=self.data.input_shape, dtype=jnp.dtype(self.param_dtype),
+                           x_train=self.data.x_train, input_range=self.data.input_range, learning_rate=lr)
 
     def init_meta(self) -> dict:
         """Initial metaparameter values, one entry per declared spec."""
-        meta = {}
-        if self.lr_schedule is not None:
-            meta["lr_schedule"] = self.lr_schedule.init(self.num_steps, self.param_dtype)
-        if self.data_weights is not None:
-            meta["data_weights"] = self.data_weights.init(self.data.num_train, self.param_dtype)
-        if self.poison is not None:
-            meta["poison"] = self.poison.init(self.data.input_shape, self.param_dtype)
-        return meta
+        return {name: spec.init(self._info) for name, spec in self.meta_specs().items()}
 
     def check_meta(self, meta) -> None:
         """Raise ``ValueError`` saying what to change when ``meta`` does not fit this problem."""
         if not isinstance(meta, dict):
             raise ValueError(f"meta must be a dict of named metaparameters, got {type(meta).__name__}.")
         specs = self.meta_specs()
-        if set(meta) != set(specs):
+        if set(meta) - {"seed"} != set(specs):
             raise ValueError(
                 f"meta has parts {sorted(meta)} but the problem declares {sorted(specs)}: "
                 "build it with problem.init_meta()."
             )
         for name, spec in specs.items():
-            want = spec.expected_shape(self)
-            got = tuple(np.shape(meta[name]))
+            want, got = spec.shape(self._info), tuple(np.shape(meta[name]))
             if got != want:
                 raise ValueError(
                     f"meta[{name!r}] has shape {got} but this problem needs {want} "
-                    f"({self._shape_reason(name)}): build it with problem.init_meta()."
+                    f"({spec.describe_shape(self._info)}): build it with problem.init_meta()."
                 )
-
-    def _shape_reason(self, name):
-        return {
-            "lr_schedule": f"one value per knot, num_knots={self.lr_schedule.num_knots if self.lr_schedule else 0}",
-            "data_weights": f"one weight per training example, {self.data.num_train} of them",
-            "poison": "one perturbation per poisoned example, shaped like an input",
-        }[name]
 
     def project_meta(self, meta) -> dict:
         """Map metaparameters back to their feasible sets."""
-        out = dict(meta)
-        if "lr_schedule" in meta:
-            out["lr_schedule"] = self.lr_schedule.project(meta["lr_schedule"])
-        if "data_weights" in meta:
-            out["data_weights"] = self.data_weights.project(meta["data_weights"])
-        if "poison" in meta:
-            clean = jnp.asarray(self.data.x_train[list(self.poison.indices)])
-            out["poison"] = self.poison.project(meta["poison"], clean, self.data.input_range)
-        return out
+        specs = self.meta_specs()
+        return {name: specs[name].project(value, self._info) if name in specs else value
+                for name, value in meta.items()}
 
     def learning_rates(self, meta):
-        """The learning rate of every step under ``meta``."""
+        """The schedule's value at every step under ``meta`` (learning rates, or multipliers; see LRSchedule)."""
         return self.lr_schedule.values(meta["lr_schedule"], self.num_steps)
 
-    # ------------------------------------------------------------------ the run
-    def _key(self):
-        return jax.random.key(self.seed)
+    # ------------------------------------------------------------------ data on the device
+    def _place_data(self, specs, info) -> dict:
+        """The splits and the metaparameters' data arrays as device arrays, each split placed once per dataset.
 
-    def init_state(self) -> dict:
-        """``state_0``: parameters initialized from ``seed`` and the optimizer state."""
+        Problems made from one another (``dataclasses.replace``) share the device copy of their dataset.
+        """
+        put = jax.device_put
+        if self.mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            devices = self.mesh.shape[self.data_axis]
+
+            def put(a):  # noqa: F811 - sharded over the data axis where the examples divide
+                spec = PartitionSpec(self.data_axis) if np.shape(a)[0] % devices == 0 else PartitionSpec()
+                return jax.device_put(a, NamedSharding(self.mesh, spec))
+
+        per_placement = _PLACED.setdefault(self.data, {})
+        placement = (id(self.mesh), self.data_axis)
+        if placement not in per_placement:
+            per_placement[placement] = {
+                split: {"x": put(np.asarray(x)), "y": put(np.asarray(y, np.int32))}
+                for split, (x, y) in ((split, self.data.split(split)) for split in SPLITS)
+            }
+        arrays = {split: dict(value) for split, value in per_placement[placement].items()}
+        arrays["train"]["meta"] = {name: jax.tree.map(put, spec.data_arrays(info)) for name, spec in specs.items()}
+        return arrays
+
+    def device_data(self, split: str = "train") -> dict:
+        """The device arrays of a split (``{"x", "y"}``; the train split also holds the metaparameters' arrays)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}.")
+        return self._arrays[split]
+
+    # ------------------------------------------------------------------ the run
+    def seed_of(self, meta):
+        """The seed of batch order and dropout: ``meta["seed"]`` when present (see :meth:`value_and_metagrad_at_seed`)."""
+        return meta["seed"] if isinstance(meta, dict) and "seed" in meta else self.seed
+
+    def init_state(self, meta=None) -> dict:
+        """``state_0``: parameters (and mutable collections) initialized from ``seed``, and the optimizer state."""
         cached = self.__dict__.get("_state0")
-        if cached is not None:
-            return cached
-        key = jax.random.fold_in(self._key(), 0)
-        params = init_params(self.model, key, jnp.asarray(self.data.x_train[:1]), self.param_dtype)
+        if cached is None:
+            cached = self.initial_state_for_seed(self.seed)
+            object.__setattr__(self, "_state0", cached)
+        return cached
+
+    def initial_state_for_seed(self, seed: int) -> dict:
+        """``state_0`` of the run with initialization seed ``seed`` (not cached)."""
+        key = stream_key(int(seed), "init")
+        params, model_state = self._classifier.init(key, jnp.asarray(self.data.x_train[:1]), self.param_dtype)
         state0 = {"params": params, "opt_state": self.optimizer.init(params)}
+        if model_state:
+            state0["model_state"] = model_state
         if self.mesh is not None:
             state0 = jax.device_put(state0, self.state_sharding(state0))
-        object.__setattr__(self, "_state0", state0)
         return state0
 
     def _sharding(self, *spec):
@@ -229,87 +289,96 @@ class TrainingProblem:
             lambda path, leaf: NamedSharding(self.mesh, rule(path, leaf) or PartitionSpec()), state
         )
 
-    def logits(self, params, x, *, train: bool = False, rng=None):
-        kwargs = {"train": train} if self._train_flag else {}
-        rngs = {"dropout": rng} if (train and rng is not None) else None
-        return self.model.apply({"params": params}, x, rngs=rngs, **kwargs)
+    def logits(self, params, x, *, train: bool = False, rng=None, model_state=None):
+        """The model's logits (evaluation mode unless ``train``; ``model_state`` as in the state)."""
+        return self._classifier.logits(params, model_state or {}, x, train=train, rng=rng)[0]
 
-    def _run_key(self, meta):
-        """The key of batch order and dropout: ``meta["seed"]`` when present (see :meth:`value_and_metagrad_at_seed`)."""
-        return jax.random.key(meta["seed"]) if "seed" in meta else self._key()
-
-    def training_batch(self, meta, t):
-        """``(x, y, weights)`` of the batch of step ``t``, with poison and data weights applied."""
-        idx = batch_indices(jax.random.fold_in(self._run_key(meta), 1), t, self.data.num_train, self.batch_size)
-        x = jnp.asarray(self.data.x_train)[idx]
-        y = jnp.asarray(self.data.y_train)[idx]
-        if self.poison is not None:
-            slot = jnp.asarray(self._poison_slots)[idx]
-            delta = meta["poison"][jnp.maximum(slot, 0)]
-            mask = (slot >= 0).reshape((-1,) + (1,) * (x.ndim - 1))
-            x = x + jnp.where(mask, delta, jnp.zeros_like(delta))
-        weights = meta["data_weights"][idx] if self.data_weights is not None else jnp.ones((self.batch_size,), x.dtype)
+    def batch_on(self, arrays, meta, t, params=None):
+        """``(batch, ctx)`` of step ``t``: ``x``, ``y``, ``weights`` after every metaparameter's ``prepare_batch``."""
+        idx = batch_indices(stream_key(self.seed_of(meta), "batch"), t, self.data.num_train, self.batch_size)
+        x, y = arrays["x"][idx], arrays["y"][idx]
+        batch = {"x": x, "y": y, "weights": jnp.ones((self.batch_size,), x.dtype)}
+        ctx = StepContext(t=t, num_steps=self.num_steps, indices=idx, params=params, arrays=arrays["meta"])
+        for name, spec in self.meta_specs().items():
+            batch = spec.prepare_batch(meta[name], batch, ctx)
         if self.mesh is not None:
             split = self._sharding(self.data_axis)
-            x, y, weights = (jax.lax.with_sharding_constraint(a, split) for a in (x, y, weights))
-        return x, y, weights
+            batch = {k: jax.lax.with_sharding_constraint(v, split) for k, v in batch.items()}
+        return batch, ctx
 
-    def step(self, state, meta, t):
-        """One optimizer step on the batch of step ``t`` (pure; REPLAY's ``step``)."""
-        params, opt_state = state["params"], state["opt_state"]
-        x, y, weights = self.training_batch(meta, t)
-        rng = jax.random.fold_in(jax.random.fold_in(self._run_key(meta), 2), t)
-        # the inputs the metagradient flows into (besides params) vs constants of the step
-        diff, const = {}, {"y": y, "rng": rng}
-        (diff if self.poison is not None else const)["x"] = x
-        (diff if self.data_weights is not None else const)["weights"] = weights
-        grads = self._grad_fn(params, diff, const)
-        if self.lr_schedule is not None:
-            old = opt_state.hyperparams["learning_rate"]
-            lr = self.lr_schedule.value_at(meta["lr_schedule"], t, self.num_steps).astype(jnp.result_type(old))
-            opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+    def training_batch(self, meta, t):
+        """``(x, y, weights)`` of the batch of step ``t``, with the metaparameters applied."""
+        batch, _ = self.batch_on(self._arrays["train"], meta, t)
+        return batch["x"], batch["y"], batch["weights"]
+
+    def step_on(self, arrays, state, meta, t):
+        """One optimizer step on the batch of step ``t`` drawn from ``arrays`` (``problem.step`` binds them)."""
+        params = state["params"]
+        batch, ctx = self.batch_on(arrays, meta, t, params)
+        rng = stream_key(self.seed_of(meta), "dropout", t)
+        diff = {k: batch[k] for k in self._diff_inputs}
+        const = {k: v for k, v in batch.items() if k not in diff}
+        const["rng"], const["model_state"] = rng, state.get("model_state", {})
+        grads, model_state = self._grad_fn(params, diff, const)
+        update = self.optimizer.update
+        for name, spec in self.meta_specs().items():
+            update = spec.wrap_update(meta[name], update, ctx)
+        updates, opt_state = update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        if "model_state" in state:
+            new_state["model_state"] = model_state
         if self.mesh is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, self.state_sharding(new_state))
         return new_state
 
     def _batch_loss(self, params, diff, const):
-        """Weighted mean cross-entropy of a training batch (``x``, ``weights``, ``y``, ``rng`` split over two dicts)."""
+        """Weighted mean cross-entropy of a training batch, and the updated mutable collections."""
         batch = {**diff, **const}
-        logits = self.logits(params, batch["x"], train=True, rng=batch["rng"])
+        logits, model_state = self._classifier.logits(params, batch["model_state"], batch["x"], train=True,
+                                                      rng=batch["rng"])
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
-        return jnp.mean(batch["weights"] * losses)
+        return jnp.mean(batch["weights"] * losses), model_state
 
-    def loss_and_accuracy(self, params, split: str = "val"):
-        x, y = self.data.split(split)
-        logits = self.logits(params, jnp.asarray(x))
-        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)))
-        return loss, jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y))
+    def loss_and_accuracy_on(self, state, x, y):
+        """Mean loss and accuracy of ``state`` (a state, or bare parameters) on inputs ``x``, labels ``y``."""
+        params, model_state = _params_and_model_state(state)
+        logits, _ = self._classifier.logits(params, model_state, x, train=False)
+        return loss_and_accuracy(logits, y)
 
-    def objective(self, state, meta):
-        """The metaobjective: mean loss on ``objective_split`` of the final parameters (negated if ``maximize``)."""
-        loss, _ = self.loss_and_accuracy(state["params"], self.objective_split)
+    def loss_and_accuracy(self, state, split: str = "val"):
+        """Mean loss and accuracy of ``state`` (or bare parameters) on a split (one compiled call)."""
+        arrays = self.device_data(split)
+        return _loss_and_accuracy(self, state, arrays["x"], arrays["y"])
+
+    def objective_on(self, split_arrays, state, meta):
+        """The metaobjective on ``split_arrays``: mean loss of the final state (negated if ``maximize``)."""
+        loss, _ = self.loss_and_accuracy_on(state, split_arrays["x"], split_arrays["y"])
         return -loss if self.maximize else loss
 
     # -------------------------------------------------------------- conveniences
     def train(self, meta, num_steps: int | None = None):
         """The final state after ``num_steps`` (default ``T``) steps: one compiled call."""
-        return replay.compiled.advance(self.step, self.init_state(), meta, 0, num_steps or self.num_steps)
+        return replay.advance(self.step, self.init_state(), meta, 0, num_steps or self.num_steps)
 
-    def evaluate(self, meta) -> dict:
-        """Train under ``meta`` and report loss and accuracy on every split."""
-        params = self.train(meta)["params"]
+    def evaluate(self, state) -> dict:
+        """Loss and accuracy of ``state`` on every split (the Problem contract's ``evaluate``).
+
+        Passing metaparameters instead of a state (the older form) trains under them first.
+        """
+        if isinstance(state, dict) and "params" not in state:
+            warnings.warn("TrainingProblem.evaluate(meta) is deprecated: pass a state, "
+                          "e.g. problem.evaluate(problem.train(meta)).", DeprecationWarning, stacklevel=2)
+            state = self.train(state)
         out = {}
-        for split in ("train", "val", "test"):
-            loss, acc = self.loss_and_accuracy(params, split)
+        for split in SPLITS:
+            loss, acc = self.loss_and_accuracy(state, split)
             out[f"{split}_loss"], out[f"{split}_accuracy"] = float(loss), float(acc)
         return out
 
     def value_and_metagrad(self, meta, **kwargs):
         """``replay.value_and_metagrad`` of this problem's run (kwargs: ``k``, ``strategy``, ...)."""
         self.check_meta(meta)
-        return replay.value_and_metagrad(self.step, self.objective, self.init_state(), meta, self.num_steps, **kwargs)
+        return self._diagnosed(meta, self.init_state(), **kwargs)
 
     def value_and_metagrad_at_seed(self, meta, seed: int, **kwargs):
         """``value_and_metagrad`` of the run with training seed ``seed``, compiled once for every seed.
@@ -320,10 +389,95 @@ class TrainingProblem:
         training seeds does not recompile REPLAY's programs for each.
         """
         self.check_meta(meta)
-        state0 = dataclasses.replace(self, seed=int(seed)).init_state()
+        state0 = self.initial_state_for_seed(seed)
         seeded = {**meta, "seed": jnp.asarray(seed, jnp.int32)}
-        value, grad = replay.value_and_metagrad(self.step, self.objective, state0, seeded, self.num_steps, **kwargs)
+        value, grad = self._diagnosed(seeded, state0, **kwargs)
         return value, {name: g for name, g in grad.items() if name != "seed"}
+
+    def _diagnosed(self, meta, state0, **kwargs):
+        """``replay.value_and_metagrad``, with the optimizer-specific causes of a bad metagradient named."""
+        try:
+            value, grad = replay.value_and_metagrad(self.step, self.objective, state0, meta, self.num_steps, **kwargs)
+        except replay.NonFiniteMetagradError as err:
+            if _holds(state0["opt_state"], optax.ScaleByAdamState):
+                raise replay.NonFiniteMetagradError(
+                    f"{err} The optimizer is Adam-like: with eps_root=0 the derivative of sqrt(nu) is infinite "
+                    "where a second moment is 0; pass eps_root > 0, e.g. optax.adam(lr, eps_root=1e-12).",
+                    paths=err.paths, steps=err.steps) from err
+            raise
+        if not kwargs.get("wrt_state0"):
+            warn_structurally_zero(self, meta, state0, grad)
+        return value, grad
+
+
+def _holds(tree, node_type) -> bool:
+    found = []
+    jax.tree.map(lambda node: found.append(isinstance(node, node_type)), tree,
+                 is_leaf=lambda node: isinstance(node, node_type))
+    return any(found)
+
+
+def warn_structurally_zero(problem, meta, state0, grad) -> None:
+    """Warn, saying why, for each metaparameter whose metagradient is identically zero.
+
+    A metagradient that is exactly zero everywhere almost always has a
+    structural cause. The one checked here: the parameters do not depend on the
+    metaparameter at all (a JVP through two steps is zero) while the optimizer
+    state does, which is what a sign update does (``optax.lion``, signSGD:
+    ``sign`` has derivative zero, so per-example weights and input
+    perturbations cannot change the update).
+    """
+    for name, g in grad.items():
+        if name == "seed" or not jnp.issubdtype(jnp.result_type(g), jnp.inexact) or bool(jnp.any(g != 0)):
+            continue
+        reason = ("no step of the run depends on it (e.g. the examples it touches are never in a batch of "
+                  "these steps)")
+        tangent = {k: (jnp.ones_like(v) if k == name else jnp.zeros_like(v)) if jnp.issubdtype(
+            jnp.result_type(v), jnp.inexact) else np.zeros(np.shape(v), jax.dtypes.float0) for k, v in meta.items()}
+
+        def two_steps(m):
+            s = problem.step(state0, m, jnp.int32(0))
+            return problem.step(s, m, jnp.int32(1))
+
+        try:
+            _, out = jax.jvp(two_steps, (meta,), (tangent,))
+        except TypeError:  # a custom_vjp inner gradient (inner_grad="forward_over_reverse") has no JVP
+            warnings.warn(f"the metagradient of {name!r} is identically zero.", RuntimeWarning, stacklevel=3)
+            continue
+        moves_params = any(bool(jnp.any(leaf != 0)) for leaf in jax.tree.leaves(out["params"]))
+        moves_opt = any(bool(jnp.any(leaf != 0)) for leaf in jax.tree.leaves(out["opt_state"])
+                        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact))
+        if not moves_params and moves_opt:
+            reason = ("it changes the optimizer state but never the parameters: the update is not differentiable "
+                      "in the gradients (a sign, as in optax.lion or signSGD, has derivative zero); use an "
+                      "optimizer whose update is smooth in the gradients (sgd, adam, ...) to optimize it")
+        warnings.warn(f"the metagradient of {name!r} is identically zero: {reason}.", RuntimeWarning, stacklevel=3)
+
+
+def _params_and_model_state(state):
+    if isinstance(state, dict) and "params" in state and "opt_state" in state:
+        return state["params"], state.get("model_state", {})
+    return state, {}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_and_accuracy(problem, state, x, y):
+    return problem.loss_and_accuracy_on(state, x, y)
+
+
+def _mixed_mode_with_aux(loss):
+    """:func:`replay.mixed_mode_grad` of the loss, returning the mutable collections as in ``has_aux``.
+
+    The collections' update is recomputed by a forward pass (its value is the
+    same); the mixed-mode VJP covers the gradient, and the collections'
+    derivative flows through that forward pass by ordinary reverse mode.
+    """
+    grad_fn = replay.mixed_mode_grad(lambda p, d, c: loss(p, d, c)[0])
+
+    def value(params, diff, const):
+        return grad_fn(params, diff, const), loss(params, diff, const)[1]
+
+    return value
 
 
 def shard_last_axis(axis: str, num_devices: int) -> Callable:
@@ -343,3 +497,6 @@ def shard_last_axis(axis: str, num_devices: int) -> Callable:
         return PartitionSpec(*([None] * (len(shape) - 1)), axis)
 
     return rule
+
+
+__all__ = ["SPLITS", "TrainingProblem", "shard_last_axis", "warn_structurally_zero", "run_key"]

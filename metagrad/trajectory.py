@@ -93,7 +93,7 @@ def record_trajectory(problem, meta, steps: Sequence[int], *, state=None, progre
                       return_state: bool = False):
     """Run ``problem`` and keep the parameters at ``steps`` (a :class:`Trajectory`).
 
-    Advances segment by segment with the compiled ``replay.compiled.advance``
+    Advances segment by segment with the compiled ``replay.advance``
     (one compilation whatever the segment lengths), starting from ``state``
     (default ``problem.init_state()``) at step ``steps[0]``. With
     ``return_state`` also returns the state at ``steps[-1]`` (params and
@@ -105,7 +105,7 @@ def record_trajectory(problem, meta, steps: Sequence[int], *, state=None, progre
     state = problem.init_state() if state is None else state
     kept = [state["params"]]
     for a, b in progress_bar(list(zip(steps, steps[1:])), desc="recording trajectory", disable=not progress):
-        state = replay.compiled.advance(problem.step, state, meta, a, b)
+        state = replay.advance(problem.step, state, meta, a, b)
         kept.append(state["params"])
     trajectory = Trajectory.from_list(steps, kept)
     return (trajectory, state) if return_state else trajectory

@@ -8,6 +8,7 @@ This package knows nothing about models or data.
 """
 
 from .api import check_objective, check_step, value_and_metagrad
+from .compiled import advance, as_pytree_function
 from .errors import (
     DivergenceError,
     MemoryBudgetError,
@@ -24,7 +25,7 @@ from .strategies import Binomial, FullUnroll, Remat, Replay, Strategy, choose_k,
 from .trees import tree_bytes
 
 __all__ = [
-    "Advance", "Backprop", "Binomial", "DivergenceError", "Free", "FullUnroll", "MemoryBudgetError",
+    "Advance", "advance", "as_pytree_function", "Backprop", "Binomial", "DivergenceError", "Free", "FullUnroll", "MemoryBudgetError",
     "NonFiniteMetagradError", "Objective", "PlanStats", "Remat", "Replay", "ReplayError",
     "StepSignatureError", "Storage", "Strategy", "TieredStore", "binomial_plan", "check_objective", "check_step",
     "choose_k", "execute",

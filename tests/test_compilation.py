@@ -37,8 +37,8 @@ def test_jit_cache_holds_one_program_per_piece():
     traces, step, objective = _counting_run()
     state0 = {"w": jnp.ones(4)}
     meta = {"lr": jnp.float32(0.1), "target": jnp.zeros(4)}
-    before = replay.compiled.backprop_leaf._cache_size(), replay.compiled.advance._cache_size()
+    before = replay.compiled.cache_sizes()
     for T in (10, 99, 500):
         replay.value_and_metagrad(step, objective, state0, meta, T, k=3)
-    after = replay.compiled.backprop_leaf._cache_size(), replay.compiled.advance._cache_size()
-    assert after[0] - before[0] == 1 and after[1] - before[1] == 1
+    after = replay.compiled.cache_sizes()
+    assert after["backprop_leaf"] - before["backprop_leaf"] == 1 and after["advance"] - before["advance"] == 1

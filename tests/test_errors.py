@@ -90,8 +90,8 @@ def test_meta_shapes_must_match_the_data():
 
 def test_problem_construction_errors():
     data = tiny_dataset()
-    with pytest.raises(TypeError, match="inject_hyperparams"):
-        mg.TrainingProblem(mg.MLP(hidden=(4,), num_classes=3), optax.sgd(0.1), data, num_steps=3, batch_size=4)
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        mg.TrainingProblem(mg.MLP(hidden=(4,), num_classes=3), optax.sgd, data, num_steps=3, batch_size=4)
     opt = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
     with pytest.raises(ValueError, match="batch_size"):
         mg.TrainingProblem(mg.MLP(num_classes=3), opt, data, num_steps=3, batch_size=1000)

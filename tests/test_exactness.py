@@ -113,7 +113,7 @@ def test_gradient_with_respect_to_initial_state(x64):
 
     def value_from(params):
         s0 = dict(state0, params=params)
-        final = replay.compiled.advance(problem.step, s0, meta, 0, 30)
+        final = replay.advance(problem.step, s0, meta, 0, 30)
         return problem.objective(final, meta)
 
     fd = _directional_fd(value_from, state0["params"], direction, 1e-5)

@@ -554,7 +554,7 @@ def test_drift_regression_killed_mid_way_resumes_from_its_saved_progress_to_the_
     for name in whole:
         np.testing.assert_array_equal(np.asarray(resumed[name]), np.asarray(whole[name]))
     # a record of another loop's shape is refused with a message that says what to do
-    with pytest.raises(ValueError, match="--fresh"):
+    with pytest.raises(ValueError, match="fresh=True"):
         LoopProgress(FinishedParts(path, record), "drift").load({"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)})
     parts = FinishedParts(path, record)  # once the loop's result is saved, its progress can be dropped
     parts.drop("drift")

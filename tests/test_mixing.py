@@ -77,9 +77,9 @@ def test_update_inside_the_step_is_the_rule_on_per_domain_gradients():
     """The vmapped, jitted update at t = R equals EG + EMA on gradients computed domain by domain."""
     p = tiny()
     R = p.dga.update_every
-    state = jax.block_until_ready(p.train(R))                           # R steps: no update yet
+    state = jax.block_until_ready(p.train({}, R))                       # R steps: no update yet
     np.testing.assert_array_equal(np.asarray(state["weights"]), np.full(3, 1 / 3, np.float32))
-    new = replay.compiled.advance(p.step, state, {}, R, R + 1)           # update 1, then step R's training
+    new = replay.advance(p.step, state, {}, R, R + 1)                   # update 1, then step R's training
 
     params, r = state["params"], 1
     key = jax.random.fold_in(jax.random.key(p.seed), 4)

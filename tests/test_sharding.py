@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent('''
     v3, g3 = sharded.value_and_metagrad(meta, strategy=replay.Replay(k=3, storage=replay.Storage(device_bytes=1)))
     err = max(max_relative_error(g1, g2), max_relative_error(g1, g3))
     # the stored states keep their sharding: the state after a segment is replicated over the mesh
-    out = replay.compiled.advance(sharded.step, sharded.init_state(), meta, 0, 5)
+    out = replay.advance(sharded.step, sharded.init_state(), meta, 0, 5)
     spec = jax.tree.leaves(out)[0].sharding
     with pytest_raises(ValueError):
         dataclasses.replace(single, mesh=mesh, batch_size=6)
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent('''
     both = dataclasses.replace(single, mesh=mesh2, model_axis="model")
     v4, g4 = both.value_and_metagrad(meta, strategy=replay.Replay(k=3, storage=replay.Storage(device_bytes=1)))
     err = max(err, max_relative_error(g1, g4))
-    out = replay.compiled.advance(both.step, both.init_state(), meta, 0, 5)
+    out = replay.advance(both.step, both.init_state(), meta, 0, 5)
     kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(out)
                if "kernel" in jax.tree_util.keystr(path) and leaf.shape[-1] % 2 == 0]
     assert kernels and all(k.sharding.spec[-1] == "model" for k in kernels), [k.sharding for k in kernels]

@@ -42,13 +42,13 @@ def main():
     base = benchmark_problem(args.steps, args.hidden)
     problems = {mode: dataclasses.replace(base, inner_grad=mode) for mode in ("reverse", "forward_over_reverse")}
     meta = base.init_meta()
-    start = replay.compiled.advance(base.step, base.init_state(), meta, 0, 100)
+    start = replay.advance(base.step, base.init_state(), meta, 0, 100)
     ct_state = jax.tree.map(jnp.ones_like, partition(start)[0])
     ct_meta = jax.tree.map(jnp.zeros_like, partition(meta)[0])
 
     def calls(problem):
         return {
-            f"{args.leaf * 10} forward steps": lambda: replay.compiled.advance(problem.step, start, meta, 100,
+            f"{args.leaf * 10} forward steps": lambda: replay.advance(problem.step, start, meta, 100,
                                                                               100 + 10 * args.leaf),
             f"10 leaves of {args.leaf} steps": lambda: [
                 replay.compiled.backprop_leaf(problem.step, args.leaf, start, meta, 100, args.leaf, ct_state, ct_meta)

@@ -19,6 +19,7 @@ import optax
 
 import replay
 
+from ..problem import stream_key
 from ..training import TrainingProblem
 
 
@@ -35,7 +36,7 @@ def controlled_step(problem: TrainingProblem, state, frozen, data_weights, t):
 def step_metrics(problem: TrainingProblem, state, data_weights, t):
     """Training loss and gradient norm of the batch of step ``t`` at the current parameters."""
     x, y, weights = problem.training_batch({"data_weights": data_weights}, t)
-    rng = jax.random.fold_in(jax.random.fold_in(problem._key(), 2), t)
+    rng = stream_key(problem.seed, "dropout", t)
 
     def loss_fn(p):
         losses = optax.softmax_cross_entropy_with_integer_labels(problem.logits(p, x, train=True, rng=rng), y)

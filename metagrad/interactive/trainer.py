@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from . import steps as steps_lib
 from .commands import NON_MUTATING, CommandError, describe_validation_error, new_record, parse_command
+from ..problem import stream_key
 from .log import InterventionLog, fingerprint
 from .problems import interactive_problem
 
@@ -344,7 +345,7 @@ class Trainer:
 
     def _cmd_reset_layer(self, cmd):
         problem = self.problem
-        key = jax.random.fold_in(jax.random.fold_in(problem._key(), 7), cmd.seed)
+        key = jax.random.fold_in(stream_key(problem.seed, "interactive"), cmd.seed)
         fresh = problem.model.init(key, jnp.asarray(problem.data.x_train[:1]))["params"]
         fresh = jax.tree.map(lambda a, like: a.astype(like.dtype), fresh, self.state["params"])
         params = dict(self.state["params"])
@@ -529,7 +530,7 @@ def suggest_lr(problem, state, frozen, data_weights, t0: int, window: int, k: in
     meta_s = steps_lib.window_meta(state, frozen, data_weights, t0, window, lr=suggested)
     import replay
 
-    after = replay.compiled.advance(run.step, state, meta_s, 0, window)
+    after = replay.advance(run.step, state, meta_s, 0, window)
     val_suggested = float(run.objective(after, meta_s))
     return {"lr": lr, "window": window, "val_loss": value, "dval_dlr": dval_dlr, "dval_dloglr": dlog,
             "direction": "decrease" if dval_dlr > 0 else ("increase" if dval_dlr < 0 else "keep"),

@@ -19,7 +19,7 @@ The run follows metagrad's core contract: :class:`MixingProblem` gives a pure
 ``step(state, meta, t)`` whose state holds the parameters, the optimizer state,
 the domain weights and their recorded trajectory; the DGA update runs inside the
 step under ``lax.cond(t % R == 0)``, and a whole run is one compiled
-``replay.compiled.advance``. The batch of step ``t`` is a pure function of
+``replay.advance``. The batch of step ``t`` is a pure function of
 ``(seed, t)`` and of the weights, so a DGA run can be *replayed* from its
 recorded weight trajectory (:meth:`MixingProblem.replay_step`) and
 differentiated with respect to that trajectory by REPLAY
@@ -29,7 +29,9 @@ differentiated with respect to that trajectory by REPLAY
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -42,7 +44,8 @@ from jax import lax
 import replay
 
 from ..data import Dataset, batch_indices
-from ..models import init_params, takes_train_flag
+from ..models import Classifier, init_params, loss_and_accuracy
+from ..problem import stream_key
 
 
 
@@ -224,11 +227,19 @@ class MixingProblem:
         sizes = [x.shape[0] for x, _ in arrays]
         object.__setattr__(self, "_sizes", tuple(sizes))
         object.__setattr__(self, "_offsets", tuple(int(o) for o in np.cumsum([0] + sizes[:-1])))
-        object.__setattr__(self, "_x", np.concatenate([x for x, _ in arrays]).astype(self.param_dtype))
-        object.__setattr__(self, "_y", np.concatenate([y for _, y in arrays]).astype(np.int32))
         object.__setattr__(self, "_w0", np.asarray(w0, self.param_dtype))
-        object.__setattr__(self, "_train_flag", takes_train_flag(self.model))
+        object.__setattr__(self, "_classifier", Classifier(self.model))
         object.__setattr__(self, "_target", self.target.astype(self.param_dtype))
+        target = {split: {"x": jnp.asarray(x), "y": jnp.asarray(y, jnp.int32)}
+                  for split, (x, y) in ((split, self._target.split(split)) for split in ("train", "val", "test"))}
+        arrays = {"x": jax.device_put(np.concatenate([x for x, _ in arrays]).astype(self.param_dtype)),
+                  "y": jax.device_put(np.concatenate([y for _, y in arrays]).astype(np.int32)),
+                  "target": target["train"]}
+        object.__setattr__(self, "_arrays", arrays)
+        object.__setattr__(self, "_target_arrays", target)
+        object.__setattr__(self, "step", jax.tree_util.Partial(self.step_on, arrays))
+        object.__setattr__(self, "replay_step", jax.tree_util.Partial(self.replay_step_on, arrays))
+        object.__setattr__(self, "objective", jax.tree_util.Partial(self.objective_on, target["val"]))
 
     # ----------------------------------------------------------------- sizes
     @property
@@ -245,27 +256,29 @@ class MixingProblem:
         """Rows of the weight trajectory: row ``r`` holds the weights of steps ``[rR, (r+1)R)``."""
         return math.ceil(self.num_steps / self.update_every)
 
-    def _key(self):
-        return jax.random.key(self.seed)
-
     # ----------------------------------------------------------------- the model and losses
     def logits(self, params, x, *, train: bool = False, rng=None):
-        kwargs = {"train": train} if self._train_flag else {}
-        rngs = {"dropout": rng} if (train and rng is not None) else None
-        return self.model.apply({"params": params}, x, rngs=rngs, **kwargs)
+        return self._classifier.logits(params, {}, x, train=train, rng=rng)[0]
 
     def _mean_loss(self, params, x, y):
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(self.logits(params, x), y))
 
     def loss_and_accuracy(self, params, split: str = "test"):
-        """Mean loss and accuracy of ``params`` on a split of the target domain."""
-        x, y = self._target.split(split)
-        logits = self.logits(params, jnp.asarray(x))
-        y = jnp.asarray(y)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)), jnp.mean(jnp.argmax(logits, -1) == y)
+        """Mean loss and accuracy of ``params`` (or a state) on a split of the target domain (one compiled call)."""
+        if split not in self._target_arrays:
+            raise ValueError(f"unknown split {split!r}; use 'train', 'val' or 'test'.")
+        arrays = self._target_arrays[split]
+        return _loss_and_accuracy(self, _params_of(params), arrays["x"], arrays["y"])
 
-    # ----------------------------------------------------------------- states
-    def init_state(self) -> dict:
+    # ----------------------------------------------------------------- the Problem contract
+    def init_meta(self) -> dict:
+        """A DGA run has no metaparameters: ``{}`` (its replayed form has the weight trajectory, see :meth:`replay`)."""
+        return {}
+
+    def project_meta(self, meta) -> dict:
+        return meta
+
+    def init_state(self, meta=None) -> dict:
         """``state_0`` of a DGA (or fixed-mixture) run.
 
         Keys: ``params``, ``opt_state``, ``weights`` (the current mixture),
@@ -275,7 +288,7 @@ class MixingProblem:
         cached = self.__dict__.get("_state0")
         if cached is not None:
             return cached
-        key = jax.random.fold_in(self._key(), 0)
+        key = stream_key(self.seed, "init")
         params = init_params(self.model, key, jnp.asarray(self._target.x_train[:1]), self.param_dtype)
         w0 = jnp.asarray(self._w0)
         state0 = {
@@ -301,22 +314,25 @@ class MixingProblem:
             for i, (off, n) in enumerate(zip(self._offsets, self._sizes))
         ])
 
-    def training_batch(self, weights, t):
-        """``(x, y, domain)`` of the batch of step ``t`` under mixture ``weights``.
+    def batch_on(self, arrays, weights, t):
+        """``(x, y, domain)`` of the batch of step ``t`` under mixture ``weights``, drawn from ``arrays``.
 
         Each domain's candidates are its own deterministic batch of step ``t``;
         slot ``j`` takes the candidate at position ``j`` of the domain drawn for
-        it by :func:`sample_domains` (key ``fold_in(seed, t)``).
+        it by :func:`sample_domains` (key ``stream_key(seed, "domain_sampling", t)``).
         """
-        key = self._key()
-        candidates = self._domain_indices(jax.random.fold_in(key, 1), t, self.batch_size)
-        domain = sample_domains(weights, jax.random.fold_in(jax.random.fold_in(key, 3), t), self.batch_size)
+        candidates = self._domain_indices(stream_key(self.seed, "batch"), t, self.batch_size)
+        domain = sample_domains(weights, stream_key(self.seed, "domain_sampling", t), self.batch_size)
         idx = candidates[domain, jnp.arange(self.batch_size)]
-        return jnp.asarray(self._x)[idx], jnp.asarray(self._y)[idx], domain
+        return arrays["x"][idx], arrays["y"][idx], domain
 
-    def _train_update(self, params, opt_state, weights, t):
-        x, y, domain = self.training_batch(weights, t)
-        rng = jax.random.fold_in(jax.random.fold_in(self._key(), 2), t)
+    def training_batch(self, weights, t):
+        """``(x, y, domain)`` of the batch of step ``t`` under mixture ``weights``."""
+        return self.batch_on(self._arrays, weights, t)
+
+    def _train_update(self, arrays, params, opt_state, weights, t):
+        x, y, domain = self.batch_on(arrays, weights, t)
+        rng = stream_key(self.seed, "dropout", t)
         # value 1 per slot; d/d w_i is (slots of domain i) / w_i, an unbiased estimate of the
         # derivative of the mixture loss sum_i w_i L_i, so REPLAY can differentiate a replayed run.
         w_slot = weights[domain]
@@ -332,30 +348,34 @@ class MixingProblem:
         return optax.apply_updates(params, updates), opt_state
 
     # ----------------------------------------------------------------- DGA
-    def gradients(self, params, r):
+    def gradients_on(self, arrays, params, r):
         """``(domain_grads, target_grad)`` for update ``r``: all ``k`` domain gradients in one ``vmap``.
 
         Domain ``i`` contributes its deterministic batch ``r`` of ``domain_batch_size``
         examples; the target gradient uses the whole target train set or its batch ``r``.
         """
         dga = self.dga
-        key = jax.random.fold_in(self._key(), 4)
+        key = stream_key(self.seed, "alignment")
         idx = self._domain_indices(key, r, dga.domain_batch_size)
-        xd, yd = jnp.asarray(self._x)[idx], jnp.asarray(self._y)[idx]
+        xd, yd = arrays["x"][idx], arrays["y"][idx]
         grad_fn = jax.grad(self._mean_loss)
         domain_grads = jax.vmap(grad_fn, in_axes=(None, 0, 0))(params, xd, yd)
-        xt, yt = jnp.asarray(self._target.x_train), jnp.asarray(self._target.y_train)
+        xt, yt = arrays["target"]["x"], arrays["target"]["y"]
         n_target = xt.shape[0]
         if dga.target_batch_size is not None and dga.target_batch_size < n_target:
             ti = batch_indices(jax.random.fold_in(key, -1), r, n_target, dga.target_batch_size)
             xt, yt = xt[ti], yt[ti]
         return domain_grads, grad_fn(params, xt, yt)
 
-    def dga_state_update(self, state, t):
+    def gradients(self, params, r):
+        """:meth:`gradients_on` the problem's own data."""
+        return self.gradients_on(self._arrays, params, r)
+
+    def dga_state_update(self, arrays, state, t):
         """The DGA update at step ``t = rR``: alignment of the current parameters, EG step, EMA, record row ``r``."""
         dga = self.dga
         r = t // dga.update_every
-        domain_grads, target_grad = self.gradients(state["params"], r)
+        domain_grads, target_grad = self.gradients_on(arrays, state["params"], r)
         scores = alignment_scores(domain_grads, target_grad, dga.alignment).astype(state["weights"].dtype)
         weights = dga_update(state["weights"], scores, dga.step_size, dga.ema)
         return {
@@ -366,19 +386,19 @@ class MixingProblem:
         }
 
     # ----------------------------------------------------------------- steps
-    def step(self, state, meta, t):
-        """One step of the run (pure; ``meta`` is unused).
+    def step_on(self, arrays, state, meta, t):
+        """One step of the run on ``arrays`` (pure; ``meta`` is unused; ``problem.step`` binds the arrays).
 
         A DGA update when ``t`` is a positive multiple of ``R``, then a training step on the mixture.
         """
         t = jnp.asarray(t, jnp.int32)
         if self.dga is not None:
             due = (t > 0) & (t % self.dga.update_every == 0)
-            state = lax.cond(due, self.dga_state_update, lambda s, _: s, state, t)
-        params, opt_state = self._train_update(state["params"], state["opt_state"], state["weights"], t)
+            state = lax.cond(due, lambda s, tt: self.dga_state_update(arrays, s, tt), lambda s, _: s, state, t)
+        params, opt_state = self._train_update(arrays, state["params"], state["opt_state"], state["weights"], t)
         return {**state, "params": params, "opt_state": opt_state}
 
-    def replay_step(self, state, meta, t):
+    def replay_step_on(self, arrays, state, meta, t):
         """One training step with the recorded weights ``meta["domain_weights"][t // R]`` (REPLAY's ``step``).
 
         Given the trajectory a DGA run recorded, a replayed run reproduces it
@@ -386,17 +406,22 @@ class MixingProblem:
         """
         t = jnp.asarray(t, jnp.int32)
         weights = meta["domain_weights"][t // self.update_every]
-        params, opt_state = self._train_update(state["params"], state["opt_state"], weights, t)
+        params, opt_state = self._train_update(arrays, state["params"], state["opt_state"], weights, t)
         return {"params": params, "opt_state": opt_state}
 
-    def objective(self, state, meta):
+    def objective_on(self, split_arrays, state, meta):
         """Mean loss on the target's val split of the final parameters."""
-        return self.loss_and_accuracy(state["params"], "val")[0]
+        return loss_and_accuracy(self.logits(state["params"], split_arrays["x"]), split_arrays["y"])[0]
 
     # ----------------------------------------------------------------- conveniences
-    def train(self, num_steps: int | None = None) -> dict:
+    def train(self, meta=None, num_steps: int | None = None) -> dict:
         """The state after ``num_steps`` (default ``T``) steps: one compiled call."""
-        return replay.compiled.advance(self.step, self.init_state(), {}, 0, num_steps or self.num_steps)
+        if isinstance(meta, int) and not isinstance(meta, bool):
+            warnings.warn("MixingProblem.train(num_steps) is deprecated: call train(meta, num_steps) "
+                          "(meta is {} for a DGA run), as for every Problem.", DeprecationWarning, stacklevel=2)
+            meta, num_steps = None, meta
+        return replay.advance(self.step, self.init_state(), {} if meta is None else meta, 0,
+                              num_steps or self.num_steps)
 
     def check_trajectory(self, trajectory):
         """Raise ``ValueError`` unless ``trajectory`` has ``num_rows x k`` rows, each on the simplex."""
@@ -413,7 +438,7 @@ class MixingProblem:
         """The final state of a run replayed from a recorded weight trajectory."""
         self.check_trajectory(trajectory)
         meta = {"domain_weights": jnp.asarray(trajectory, self.param_dtype)}
-        return replay.compiled.advance(self.replay_step, self.replay_init_state(), meta, 0, self.num_steps)
+        return replay.advance(self.replay_step, self.replay_init_state(), meta, 0, self.num_steps)
 
     def value_and_metagrad(self, trajectory, **kwargs):
         """``(target val loss, d loss / d trajectory)`` of the run replayed from ``trajectory``, by REPLAY."""
@@ -430,6 +455,15 @@ class MixingProblem:
             loss, acc = self.loss_and_accuracy(state["params"], split)
             out[f"{split}_loss"], out[f"{split}_accuracy"] = float(loss), float(acc)
         return out
+
+
+def _params_of(state):
+    return state["params"] if isinstance(state, dict) and "params" in state and "opt_state" in state else state
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_and_accuracy(problem, params, x, y):
+    return loss_and_accuracy(problem.logits(params, x), y)
 
 
 # ------------------------------------------------------------------ a baseline
