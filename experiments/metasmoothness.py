@@ -64,7 +64,7 @@ def main():
             ratio = pred[0]["ratio"]
         except replay.NonFiniteMetagradError as err:
             pred, ratio = str(err), float("nan")
-        acc = problem.evaluate(meta)["test_accuracy"]
+        acc = mg.train_and_evaluate(problem, meta)["test_accuracy"]
         results[name] = {"diagnostics": diag, "gradient_prediction": pred, "test_accuracy": acc}
         smooth = float(np.mean([d["metasmoothness"] for d in diag]))
         curv = float(np.mean([d["curvature"] for d in diag]))

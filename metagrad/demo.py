@@ -17,6 +17,8 @@ from .meta import LRSchedule
 from .mgd import mgd
 from .models import MLP
 from .report import format_table, pyplot
+from .store import RunStore
+from .problem import train_and_evaluate
 from .training import TrainingProblem
 
 logger = logging.getLogger("metagrad")
@@ -40,9 +42,19 @@ class DemoConfig:
         return cls(num_steps=120, num_knots=10, meta_steps=8, meta_lr=0.02, hidden=(32,))
 
 
-def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), *, progress: bool = True, resume: bool = True) -> dict:
-    """Run MGD on the LR schedule, print a table, write ``result.json`` and ``demo.png`` to ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
+def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), *, progress: bool = True, fresh: bool = False,
+             resume: bool | None = None) -> dict:
+    """Run MGD on the LR schedule, print a table, write ``result.json`` and ``demo.png`` to ``out_dir``.
+
+    ``out_dir`` is the run's :class:`~metagrad.store.RunStore`: MGD saves every
+    meta-step there, a rerun with the same ``config`` resumes it, and one with
+    another ``config`` is refused (:class:`~metagrad.store.SettingsMismatchError`)
+    rather than overwriting its results; ``fresh=True`` discards the earlier run.
+    ``resume=False`` is the older spelling of ``fresh=True``.
+    """
+    if resume is not None:
+        fresh = fresh or not resume
+    store = RunStore(out_dir, {"demo": dataclasses.asdict(config)}, fresh=fresh)
     tic = time.perf_counter()
     dataset = data_lib.mnist1d(seed=config.seed)
     problem = TrainingProblem(
@@ -61,11 +73,11 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), *, progress: bool 
         optimizer=optax.adam(config.meta_lr),
         num_meta_steps=config.meta_steps,
         project=problem.project_meta,
-        checkpoint_dir=os.path.join(out_dir, "mgd_checkpoints") if resume else None,
+        store=store,
         progress=progress,
     )
     # The schedule reported is the best one by validation loss (the metaobjective), scored on test too.
-    initial, final = problem.evaluate(meta0), problem.evaluate(result.best_meta)
+    initial, final = train_and_evaluate(problem, meta0), train_and_evaluate(problem, result.best_meta)
     report = {
         "config": dataclasses.asdict(config),
         "dataset": {"name": dataset.name, "train": dataset.num_train, "val": len(dataset.y_val), "test": len(dataset.y_test)},

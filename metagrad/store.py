@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 
@@ -58,6 +59,9 @@ def jsonable(x):
 def changed_settings(saved: dict, settings: dict) -> list:
     """The keys whose values differ between two settings dicts (either side may lack a key), sorted."""
     return sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+
+
+_TREE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def _write_json_atomically(path: str, payload) -> None:
@@ -165,6 +169,9 @@ class RunStore:
     def _manager(self, name: str, max_to_keep: int | None = 2):
         import orbax.checkpoint as ocp
 
+        if not _TREE_NAME.fullmatch(name) or set(name) == {"."}:
+            raise StoreError(f"tree name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter "
+                             "or digit.")
         if name not in self._managers:
             self._managers[name] = ocp.CheckpointManager(
                 os.path.join(self.directory, self.TREES, name),

@@ -448,9 +448,13 @@ def warn_structurally_zero(problem, meta, state0, grad) -> None:
         moves_opt = any(bool(jnp.any(leaf != 0)) for leaf in jax.tree.leaves(out["opt_state"])
                         if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact))
         if not moves_params and moves_opt:
-            reason = ("it changes the optimizer state but never the parameters: the update is not differentiable "
-                      "in the gradients (a sign, as in optax.lion or signSGD, has derivative zero); use an "
-                      "optimizer whose update is smooth in the gradients (sgd, adam, ...) to optimize it")
+            if _holds(state0["opt_state"], optax.ScaleByLionState):
+                reason = ("it changes the optimizer state but never the parameters: optax.lion's update is the "
+                          "sign of its momentum, whose derivative is zero; use an optimizer whose update is smooth "
+                          "in the gradients (sgd, adam, ...) to optimize it")
+            else:
+                reason = ("it changes the optimizer state but never the parameters: the update has zero "
+                          "derivative in the gradients here (a learning rate of 0, or a sign update as in signSGD)")
         warnings.warn(f"the metagradient of {name!r} is identically zero: {reason}.", RuntimeWarning, stacklevel=3)
 
 

@@ -17,6 +17,7 @@ import optax
 from ..data import Dataset
 from ..meta import DataWeights
 from ..mgd import mgd
+from ..problem import train_and_evaluate
 from ..training import TrainingProblem
 from .common import mean_value_and_metagrad
 
@@ -43,7 +44,7 @@ def subset(dataset: Dataset, indices) -> Dataset:
 def train_and_score(base: TrainingProblem, dataset: Dataset, seed: int) -> dict:
     """Train a fresh model (seed ``seed``) on ``dataset`` with ``base``'s model, optimizer and steps."""
     problem = dataclasses.replace(base, data=dataset, seed=seed, data_weights=None, poison=None)
-    return problem.evaluate(problem.init_meta())
+    return train_and_evaluate(problem)
 
 
 def optimize_data_weights(problem: TrainingProblem, *, meta_steps: int, meta_optimizer=None, k: int = 8,

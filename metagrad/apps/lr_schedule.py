@@ -16,6 +16,7 @@ import optax
 
 from ..meta import LRSchedule
 from ..mgd import mgd
+from ..problem import train_and_evaluate
 from ..progress import progress_bar
 from ..training import TrainingProblem
 from .common import seconds_per_training_run
@@ -59,7 +60,7 @@ def grid_search(problem: TrainingProblem, grid=None, *, progress: bool = True) -
     rows = []
     for spec in progress_bar(grid, desc="grid", disable=not progress):
         lrs = schedule(spec["family"], spec["peak"], spec["warmup_fraction"], problem.num_steps)
-        metrics = exact.evaluate({"lr_schedule": jnp.asarray(lrs, problem.param_dtype)})
+        metrics = train_and_evaluate(exact, {"lr_schedule": jnp.asarray(lrs, problem.param_dtype)})
         rows.append({**spec, **metrics})
     return sorted(rows, key=lambda r: r["val_loss"] if np.isfinite(r["val_loss"]) else np.inf)
 
@@ -84,8 +85,8 @@ def optimize_lr_schedule(problem: TrainingProblem, *, meta_steps: int = 50, meta
     if result.resumed_from:  # the wall clock saw only this run's part; the log has every meta-step's time
         mgd_seconds = float(sum(h["seconds"] for h in result.history))
     return {
-        "initial": problem.evaluate(meta0),
-        "final": problem.evaluate(result.best_meta),
+        "initial": train_and_evaluate(problem, meta0),
+        "final": train_and_evaluate(problem, result.best_meta),
         "initial_knots": np.asarray(meta0["lr_schedule"]).tolist(),
         "learned_knots": np.asarray(result.best_meta["lr_schedule"]).tolist(),
         "history": result.history,

@@ -18,6 +18,7 @@ import optax
 from ..data import Dataset
 from ..meta import Poison
 from ..mgd import mgd
+from ..problem import train_and_evaluate
 from ..training import TrainingProblem
 from .common import mean_value_and_metagrad
 
@@ -174,7 +175,7 @@ def retrain_metrics(base: TrainingProblem, dataset: Dataset, seeds) -> list[dict
     out = []
     for seed in seeds:
         problem = dataclasses.replace(base, data=dataset, seed=seed, poison=None, data_weights=None, maximize=False)
-        out.append(problem.evaluate(problem.init_meta()))
+        out.append(train_and_evaluate(problem))
     return out
 
 

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from . import steps as steps_lib
 from .commands import NON_MUTATING, CommandError, describe_validation_error, new_record, parse_command
 from ..problem import stream_key
+from ..store import RunStore
 from .log import InterventionLog, fingerprint
 from .problems import interactive_problem
 
@@ -65,6 +66,7 @@ class Trainer:
         self.eval_every = int(eval_every)
         self.min_step_seconds = float(min_step_seconds)
         self.checkpoint_dir = os.path.abspath(checkpoint_dir) if checkpoint_dir else None
+        self.store = RunStore(self.checkpoint_dir) if checkpoint_dir else None
         self.log = InterventionLog(log_path)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -301,13 +303,10 @@ class Trainer:
             raise CommandError(f"checkpoint {ckpt_id!r} exists already: choose another name.")
         snapshot = _copy_state(self.state)
         path = None
-        if self.checkpoint_dir is not None:
-            import orbax.checkpoint as ocp
-
-            path = os.path.join(self.checkpoint_dir, ckpt_id)
-            with ocp.StandardCheckpointer() as ckptr:
-                ckptr.save(path, snapshot)
-                ckptr.wait_until_finished()
+        if self.store is not None:  # on disk, in the run's store; only the state's shapes stay in memory
+            self.store.save_tree(ckpt_id, self.t, snapshot, {"step": self.t, "branch": self.branch}, max_to_keep=1)
+            path = os.path.join(self.store.directory, RunStore.TREES, ckpt_id)
+            snapshot = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), snapshot)
         self._ckpt_states[ckpt_id] = snapshot
         entry = {"id": ckpt_id, "step": self.t, "branch": self.branch, "path": path,
                  "frozen": dict(self.frozen), "lr_source": self.lr_source, "time": time.time()}
@@ -320,11 +319,7 @@ class Trainer:
         if entry is None:
             raise CommandError(f"no checkpoint {cmd.checkpoint!r}: the checkpoints are {list(self.checkpoints)}.")
         if entry["path"] is not None:
-            import orbax.checkpoint as ocp
-
-            like = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._ckpt_states[cmd.checkpoint])
-            with ocp.StandardCheckpointer() as ckptr:
-                restored = ckptr.restore(entry["path"], like)
+            _, restored, _ = self.store.restore_tree(cmd.checkpoint, self._ckpt_states[cmd.checkpoint])
             state = {"params": restored["params"],
                      "opt_state": jax.tree.unflatten(jax.tree.structure(self.state["opt_state"]),
                                                      jax.tree.leaves(restored["opt_state"]))}

@@ -661,13 +661,12 @@ def problem_gradient(problem, *, batch_size: int | None = 256, seed: int = 0) ->
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of examples or None (full batch), got {batch_size}.")
     n = problem.data.num_train
-    x_all = jnp.asarray(problem.data.x_train)
-    y_all = jnp.asarray(problem.data.y_train)
+    train = problem.device_data("train")  # device arrays, passed to the compiled gradient as arguments
     full_batch = batch_size is None or batch_size >= n
     key = jax.random.key(seed)
 
     @jax.jit
-    def grad_fn(params, i):
+    def grad_fn(params, i, x_all, y_all):
         if full_batch:
             x, y = x_all, y_all
         else:
@@ -679,7 +678,7 @@ def problem_gradient(problem, *, batch_size: int | None = 256, seed: int = 0) ->
 
         return jax.grad(loss)(params)
 
-    return lambda params, i: grad_fn(params, jnp.asarray(i, jnp.int32))
+    return lambda params, i: grad_fn(params, jnp.asarray(i, jnp.int32), train["x"], train["y"])
 
 
 # ------------------------------------------------------- normalization statistics
