@@ -9,7 +9,7 @@ trajectory format (:mod:`.trajectory`) and the one resumable store
 """
 
 from . import data, hyperflow, meta, mixing, models, problem, trajectory, transfer
-from .data import Dataset, batch_indices, from_arrays, from_tfds, mnist1d
+from .data import Dataset, batch_indices, fashion_mnist, from_arrays, from_tfds, mnist1d, read_idx
 from .meta import DataWeights, LRSchedule, Metaparameter, Poison, ProblemInfo, StepContext, project_to_simplex
 from .hyperflow import HyperFlow
 from .mixing import DGA, MixingProblem
@@ -21,7 +21,7 @@ from .trajectory import Trajectory, record_trajectory
 __all__ = [
     "CNN1D", "Classifier", "DGA", "DataWeights", "Dataset", "FunctionProblem", "HyperFlow", "LRSchedule", "MLP",
     "Metaparameter", "MixingProblem", "Poison", "Problem", "ProblemInfo", "StepContext", "TrainingProblem",
-    "Trajectory", "batch_indices", "check_problem", "data", "from_arrays", "from_tfds", "hyperflow", "meta",
-    "mixing", "mnist1d", "models", "problem", "project_to_simplex", "record_trajectory", "shard_last_axis",
+    "Trajectory", "batch_indices", "check_problem", "data", "fashion_mnist", "from_arrays", "from_tfds", "hyperflow", "meta",
+    "mixing", "mnist1d", "models", "problem", "project_to_simplex", "read_idx", "record_trajectory", "shard_last_axis",
     "stream_key", "train", "train_and_evaluate", "trajectory", "transfer",
 ]

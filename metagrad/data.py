@@ -127,6 +127,72 @@ def mnist1d(*, num_val: int = 1000, seed: int = 0, **generator_args) -> Dataset:
     )
 
 
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+                       "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An array from an IDX file (the MNIST family's format), gzipped or not.
+
+    The header is two zero bytes, a type code (``0x08``: unsigned bytes), the
+    number of dimensions, then one big-endian 32-bit size per dimension.
+    """
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (its first bytes are {raw[:4]!r}).")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if raw[2] not in dtypes:
+        raise ValueError(f"{path}: unknown IDX type code {raw[2]:#x}.")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {data.size} values but its header says {shape}: the file is truncated.")
+    return data.reshape(shape)
+
+
+def fashion_mnist(*, num_val: int = 10000, directory: str | None = None, max_train: int | None = None,
+                  seed: int = 0) -> Dataset:
+    """Fashion-MNIST (Xiao, Rasul & Vollgraf, arXiv 1708.07747): 60,000 training and 10,000 test images, 28x28.
+
+    Read from the IDX files of Debian's package ``dataset-fashion-mnist``
+    (``/usr/share/datasets/fashion-mnist``; no network). Pixels are scaled to
+    ``[0, 1]`` (``input_range`` is ``(0, 1)``); inputs are ``(28, 28)`` arrays.
+    ``num_val`` training images, drawn at random by ``seed``, become the
+    validation split; ``max_train`` keeps only that many of the rest (a slice, e.g. for tests).
+    """
+    import os
+
+    directory = directory or FASHION_MNIST_DIR
+    arrays = {}
+    for name, stem in FASHION_MNIST_FILES.items():
+        candidates = [os.path.join(directory, stem + ext) for ext in (".gz", "")]
+        path = next((c for c in candidates if os.path.exists(c)), None)
+        if path is None:
+            raise FileNotFoundError(
+                f"Fashion-MNIST's {stem}(.gz) is not in {directory}: install Debian's package "
+                "dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or pass directory= a folder "
+                "holding the four IDX files.")
+        arrays[name] = read_idx(path)
+    x, y = arrays["x_train"], arrays["y_train"].astype(np.int32)
+    if not 0 < num_val < len(y):
+        raise ValueError(f"num_val must be in (0, {len(y)}), got {num_val}.")
+    order = np.random.default_rng(seed).permutation(len(y))
+    val, train = order[:num_val], order[num_val:]
+    if max_train is not None:
+        if max_train < 1:
+            raise ValueError(f"max_train must be >= 1, got {max_train}.")
+        train = train[:max_train]
+    scale = lambda a: (a.astype(np.float32) / 255.0)  # noqa: E731
+    return Dataset(scale(x[train]), y[train], scale(x[val]), y[val], scale(arrays["x_test"]),
+                   arrays["y_test"].astype(np.int32), num_classes=10, name="fashion_mnist", input_range=(0.0, 1.0))
+
+
 def from_tfds(name: str, *, data_dir=None, train_split="train", test_split="test", num_val=None,
               image_key="image", label_key="label", max_examples=None, seed=0) -> Dataset:
     """A named dataset through ``tfds.data_source`` (random access, no TensorFlow needed).

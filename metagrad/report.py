@@ -115,12 +115,12 @@ def tree_from_json(leaves: list, template, what: str):
 
     like, treedef = jax.tree.flatten(template)
     if len(leaves) != len(like):
-        raise ValueError(f"{what} holds {len(leaves)} arrays, this run {len(like)}: pass --fresh to start over.")
+        raise ValueError(f"{what} holds {len(leaves)} arrays, this run {len(like)}: pass fresh=True to start over.")
     restored = []
     for value, t in zip(leaves, like):
         array = np.asarray(value, dtype=t.dtype)
         if array.shape != t.shape:
             raise ValueError(f"{what} holds an array of shape {array.shape} where this run has {t.shape}: pass "
-                             "--fresh to start over.")
+                             "fresh=True to start over.")
         restored.append(array)
     return jax.tree.unflatten(treedef, restored)

@@ -55,3 +55,30 @@ def test_named_datasets_through_tfds_data_source_with_mock_data():
     assert data.x_train.shape == (32, 28, 28, 1) and data.x_test.shape == (40, 28, 28, 1)
     assert data.num_classes == 10 and data.input_range == (0.0, 1.0)
     assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+
+
+def test_read_idx_round_trips_and_rejects_a_truncated_file(tmp_path):
+    import gzip
+
+    import pytest
+
+    values = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    header = bytes([0, 0, 0x08, 3]) + b"".join(n.to_bytes(4, "big") for n in values.shape)
+    with gzip.open(tmp_path / "a.gz", "wb") as f:
+        f.write(header + values.tobytes())
+    np.testing.assert_array_equal(mg.read_idx(str(tmp_path / "a.gz")), values)
+    (tmp_path / "b").write_bytes(header + values.tobytes()[:-1])
+    with pytest.raises(ValueError, match="truncated"):
+        mg.read_idx(str(tmp_path / "b"))
+
+
+def test_fashion_mnist_from_the_debian_package():
+    import pytest
+
+    data = mg.fashion_mnist(max_train=300)
+    assert data.num_train == 300 and data.input_shape == (28, 28) and data.x_test.shape == (10000, 28, 28)
+    assert len(data.y_val) == 10000 and data.input_range == (0.0, 1.0)
+    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0 and data.x_train.max() > 0.9
+    assert set(np.unique(data.y_test)) == set(range(10))
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        mg.fashion_mnist(directory="/nonexistent")
