@@ -70,7 +70,7 @@ def test_commands_branches_and_bitwise_replay(tmp_path):
     assert tr.hyperparams()["learning_rate"] == pytest.approx(0.02)
     assert tr.frozen["Dense_0"] is False  # the checkpoint was saved before the freeze
     assert tr.dataset_info()["num_train"] == 210 + 8  # data pushes persist across branches
-    assert os.path.isdir(tmp_path / "ckpt" / "ckpt-1")
+    assert os.path.isdir(tmp_path / "ckpt" / "trees" / "ckpt-1")  # saved in the run's store
 
     header, interventions, end = read_log(log)
     assert header["spec"] == SPEC

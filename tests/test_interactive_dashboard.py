@@ -79,7 +79,7 @@ def test_dashboard_changes_lr_and_forks_a_branch(page_and_run, tmp_path):
     expect(page.locator("#branch-1")).to_contain_text("page-ckpt", timeout=30000)
     expect(page.locator("#run-branch")).to_have_text("1", timeout=30000)
     assert trainer.branch == 1 and trainer.branches[1]["fork_step"] == saved_step
-    assert os.path.isdir(tmp_path / "ckpt" / "page-ckpt")
+    assert os.path.isdir(tmp_path / "ckpt" / "trees" / "page-ckpt")  # saved in the run's store
 
     # the charts received metrics and the page raised no script error
     assert page.evaluate("() => state.metrics.length") > 0

@@ -73,7 +73,7 @@ def test_a_script_checkpoint_folder_refuses_to_resume_a_run_with_other_settings(
     folder = checkpoint_folder(args.out, settings=run_settings(longer))
     assert mgd(_vg(problem), meta0, num_meta_steps=3, checkpoint_dir=folder, **kwargs).resumed_from == 2
     other = argparse.Namespace(**{**vars(args), "lr": 0.1})
-    with pytest.raises(ValueError, match=r"other settings \(lr\).*--fresh"):
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.03 -> 0.1\): pass fresh=True"):
         checkpoint_folder(args.out, settings=run_settings(other))
     folder = checkpoint_folder(args.out, fresh=True, settings=run_settings(other))
     assert mgd(_vg(problem), meta0, num_meta_steps=1, checkpoint_dir=folder, **kwargs).resumed_from == 0
@@ -85,9 +85,9 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     ckpt = tmp_path / "ckpt"
     kwargs = dict(optimizer=optax.adam(0.02), project=problem.project_meta, progress=False, checkpoint_dir=str(ckpt))
     mgd(_vg(problem), meta0, num_meta_steps=3, **kwargs)
-    latest = ckpt / "3"
+    latest = ckpt / "trees" / "mgd" / "3"  # MGD's trees in the run store
     assert latest.is_dir()
-    for root, _, files in os.walk(latest / "state"):
+    for root, _, files in os.walk(latest / "tree"):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
@@ -108,4 +108,4 @@ def test_nonfinite_metagradient_stops_with_the_meta_step_named(tmp_path):
         mgd(poisoned_gradient, problem.init_meta(), optimizer=optax.adam(0.02), num_meta_steps=4,
             project=problem.project_meta, progress=False, checkpoint_dir=str(tmp_path / "c"))
     # the finished meta-step is on disk
-    assert (tmp_path / "c" / "1").is_dir()
+    assert (tmp_path / "c" / "trees" / "mgd" / "1").is_dir()
