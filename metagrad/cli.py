@@ -1,12 +1,177 @@
-"""The ``metagrad`` command line."""
+"""The ``metagrad`` command line.
+
+Every ordinary mistake ends in one line on stderr that says what to change and
+exit status 2, never a traceback: options are checked when they are parsed (the
+``type=`` functions below), and the ordinary errors a command meets while it
+runs (:class:`UsageError`, ``ValueError`` -- :mod:`replay`'s errors among them --
+and missing files) are printed by :func:`main` as ``metagrad <command>:
+<message>``. Set ``METAGRAD_DEBUG=1`` to see their tracebacks instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import math
 import os
+import re
 import sys
+
+
+class UsageError(SystemExit):
+    """An ordinary mistake found while a command runs (a missing extra, a busy port, a malformed input file).
+
+    :func:`main` prints it as one line, ``metagrad <command>: <message>``, and exits with status 2. Like
+    argparse's errors it is a ``SystemExit``, so a caller that does not catch it still gets the message and a
+    non-zero exit rather than a traceback.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ---------------------------------------------------------------------------------------------- option types
+# Each checks one option when it is parsed. Their messages follow the flag's name ("--k must be >= 2, got 1");
+# CommandLineParser.error prints them as "metagrad demo: --k must be >= 2, got 1".
+
+def _number(text: str, kind: type):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def number_where(kind: type, holds, requirement: str, name: str, hint: str = ""):
+    """An argparse ``type``: a number of ``kind`` for which ``holds(value)``; otherwise "must be
+    ``requirement``, got ..." (then ``hint``, e.g. what the value means). ``name``: the type's name."""
+    def parse(text: str):
+        value = _number(text, kind)
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {value if kind is int else text}{hint}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+def int_at_least(low: int, hint: str = ""):
+    """An argparse ``type``: an integer ``>= low`` (``hint`` follows the message, e.g. what the value means)."""
+    return number_where(int, lambda v: v >= low, f">= {low}", f"int_at_least_{low}", hint)
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+branching_factor = int_at_least(2, " (REPLAY splits each segment of the run into k parts; k=2 uses the least "
+                                   "memory)")
+port_number = number_where(int, lambda v: 0 <= v <= 65535, "a port in 0..65535 (0: any free port)", "port_number")
+positive_float = number_where(float, lambda v: v > 0, "> 0", "positive_float")
+nonnegative_float = number_where(float, lambda v: v >= 0, ">= 0", "nonnegative_float")
+fraction_in_open_unit_interval = number_where(float, lambda v: 0 < v < 1, "> 0 and < 1",
+                                              "fraction_in_open_unit_interval")
+fraction_in_unit_interval = number_where(float, lambda v: 0 <= v <= 1, "in [0, 1]", "fraction_in_unit_interval")
+
+
+def existing_file(text: str) -> str:
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"no such file {text!r}")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file")
+    return text
+
+
+def output_folder(text: str) -> str:
+    """A folder to write into: a missing one is created, an existing file is refused."""
+    if not text:
+        raise argparse.ArgumentTypeError("must name a folder, got ''")
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is an existing file, not a folder; give a folder "
+                                         "(a missing one is created)")
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file to write: its folder must exist and the path must not be a folder."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: there is no folder {folder!r}")
+    return text
+
+
+def dataset_spec(text: str) -> str:
+    """``mnist1d``, an existing ``.npz`` file or ``tfds:NAME``."""
+    choices = "'mnist1d', a .npz file with arrays x and y, or 'tfds:NAME'"
+    if text == "mnist1d" or (text.startswith("tfds:") and len(text) > len("tfds:")):
+        return text
+    if text.endswith(".npz"):
+        if not os.path.isfile(text):
+            raise argparse.ArgumentTypeError(f"no such file {text!r} (give {choices})")
+        return text
+    raise argparse.ArgumentTypeError(f"must be {choices}, got {text!r}")
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``PROG: what to change``, with exit status 2."""
+
+    def error(self, message: str):
+        match = re.match(r"argument (\S+): (.*)", message, re.S)
+        if match:
+            name, detail = match.group(1).split("/")[-1], match.group(2)  # "-o/--out" -> "--out"
+            message = f"{name} {detail}" if detail.startswith("must ") else f"{name}: {detail}"
+        else:
+            message = f"{message} (see '{self.prog} --help')"
+        self.exit(2, f"{self.prog}: {_one_line(message)}\n")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _flag_names(parser: argparse.ArgumentParser, extra: dict | None = None) -> dict:
+    """Library argument name -> flag, for error messages: each option whose flag is not its name (``num_steps``
+    -> ``--num-steps``), plus ``extra`` (e.g. ``fresh=True`` -> ``--fresh``)."""
+    names = {}
+    for action in parser._actions:
+        flags = [s for s in action.option_strings if s.startswith("--")]
+        if flags and "_" in action.dest and flags[0] != "--" + action.dest:
+            names[action.dest] = flags[0]
+    names.update(extra or {})
+    return names
+
+
+def _in_flags(message: str, names: dict) -> str:
+    for name in sorted(names, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w/.-]){re.escape(name)}(?![\w])", names[name], message)
+    return message
+
+
+def run_command(args, flag_names: dict | None = None, *, catch_errors: bool = True) -> int:
+    """``args.func(args)``; with ``catch_errors``, an ordinary error is printed as one line and gives status 2."""
+    if not catch_errors or os.environ.get("METAGRAD_DEBUG"):
+        return args.func(args)
+    prefix = f"metagrad {args.command}"
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"{prefix}: {_one_line(err)}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        # ValueError includes replay.ReplayError and metagrad.store.StoreError
+        message = _one_line(err) or type(err).__name__
+        print(f"{prefix}: {_in_flags(message, flag_names or {})}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    return 2
 
 
 def _demo(args) -> int:
@@ -31,11 +196,11 @@ def _load_dataset(spec: str):
         arrays = np.load(spec)
         missing = {"x", "y"} - set(arrays.files)
         if missing:
-            raise SystemExit(f"{spec} must hold arrays 'x' and 'y' (integer labels); missing {sorted(missing)}.")
+            raise UsageError(f"{spec} must hold arrays 'x' and 'y' (integer labels); missing {sorted(missing)}.")
         return data_lib.from_arrays(arrays["x"].astype("float32"), arrays["y"].astype("int32"), name=spec)
     if spec.startswith("tfds:"):
         return data_lib.from_tfds(spec[len("tfds:"):])
-    raise SystemExit(f"unknown dataset {spec!r}: use 'mnist1d', a .npz file with arrays x and y, or 'tfds:NAME'.")
+    raise UsageError(f"unknown dataset {spec!r}: use 'mnist1d', a .npz file with arrays x and y, or 'tfds:NAME'.")
 
 
 def _audit_poison(args) -> int:
@@ -75,60 +240,89 @@ def _audit_poison(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="metagrad", description="Differentiate, steer and reuse training runs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> tuple[CommandLineParser, dict]:
+    """The ``metagrad`` parser and, per command, its library-argument-name -> flag mapping (for error messages)."""
+    parser = CommandLineParser(prog="metagrad", description="Differentiate, steer and reuse training runs.",
+                               epilog="Errors are one line; set METAGRAD_DEBUG=1 to see their tracebacks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = {"fresh=True": "--fresh", "give another directory": "give another --out"}
     demo = sub.add_parser("demo", help="metagradient descent on an LR schedule on MNIST-1D (built in, offline)")
-    demo.add_argument("--out", default="metagrad_demo", help="output folder (default: ./metagrad_demo)")
+    demo.add_argument("--out", type=output_folder, default="metagrad_demo",
+                      help="output folder (default: ./metagrad_demo)")
     demo.add_argument("--quick", action="store_true", help="a reduced size (for CI)")
-    demo.add_argument("--num-steps", type=int, help="training steps per run")
-    demo.add_argument("--meta-steps", type=int, help="MGD steps")
-    demo.add_argument("--k", type=int, help="REPLAY branching factor")
-    demo.add_argument("--seed", type=int)
+    demo.add_argument("--num-steps", type=positive_int, help="training steps per run")
+    demo.add_argument("--meta-steps", type=positive_int, help="MGD steps")
+    demo.add_argument("--k", type=branching_factor, help="REPLAY branching factor (>= 2)")
+    demo.add_argument("--seed", type=nonnegative_int)
     demo.add_argument("--fresh", action="store_true", help="ignore checkpoints of an earlier run in --out")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
 
-    audit = sub.add_parser("audit-poison", help="how far can poisoning a few training inputs lower test accuracy? (MGD)")
-    audit.add_argument("--data", default="mnist1d", help="'mnist1d', a .npz with arrays x and y, or 'tfds:NAME'")
-    audit.add_argument("--out", default="poison_audit")
-    audit.add_argument("--fraction", type=float, default=0.025, help="fraction of training inputs perturbed")
-    audit.add_argument("--eps", type=float, default=2.0, help="L-inf bound of each perturbation")
-    audit.add_argument("--meta-steps", type=int, default=120)
-    audit.add_argument("--attack-seeds", type=int, default=4,
+    audit = sub.add_parser("audit-poison",
+                           help="how far can poisoning a few training inputs lower test accuracy? (MGD)")
+    audit.add_argument("--data", type=dataset_spec, default="mnist1d",
+                       help="'mnist1d', a .npz with arrays x and y, or 'tfds:NAME'")
+    audit.add_argument("--out", type=output_folder, default="poison_audit",
+                       help="output folder (default: ./poison_audit)")
+    audit.add_argument("--fraction", type=fraction_in_open_unit_interval, default=0.025,
+                       help="fraction of training inputs perturbed, in (0, 1)")
+    audit.add_argument("--eps", type=positive_float, default=2.0, help="L-inf bound of each perturbation (> 0)")
+    audit.add_argument("--meta-steps", type=positive_int, default=120)
+    audit.add_argument("--attack-seeds", type=positive_int, default=4,
                        help="fixed training seeds the attack averages over (with --seeds-per-step 0)")
-    audit.add_argument("--seeds-per-step", type=int, default=4,
+    audit.add_argument("--seeds-per-step", type=nonnegative_int, default=4,
                        help="fresh training seeds (10000, 10001, ...) drawn at every meta-step; 0: use --attack-seeds")
-    audit.add_argument("--final-step-fraction", type=float, default=1.0,
-                       help="the signed step decays linearly from eps/8 to this fraction of it")
-    audit.add_argument("--refine-steps", type=int, default=0,
+    audit.add_argument("--final-step-fraction", type=fraction_in_unit_interval, default=1.0,
+                       help="the signed step decays linearly from eps/8 to this fraction of it (in [0, 1])")
+    audit.add_argument("--refine-steps", type=nonnegative_int, default=0,
                        help="meta-steps after --meta-steps whose step anneals linearly from eps/16 to eps/160")
-    audit.add_argument("--eval-seeds", type=int, default=10, help="fresh training seeds for the evaluation")
+    audit.add_argument("--eval-seeds", type=positive_int, default=10, help="fresh training seeds for the evaluation")
     audit.add_argument("--choose", choices=("random", "influence"), default="influence",
                        help="which inputs to poison: a random subset, or those with the largest metagradient")
-    audit.add_argument("--poison", help="re-score this saved poison_delta.npy instead of running the attack (on the "
+    audit.add_argument("--poison", type=existing_file,
+                       help="re-score this saved poison_delta.npy instead of running the attack (on the "
                        "examples in poison_indices.npy beside it; without that file they are chosen again)")
     audit.add_argument("--fresh", action="store_true", help="discard the attack checkpoints in --out/mgd_checkpoints")
-    audit.add_argument("--num-steps", type=int, default=500)
-    audit.add_argument("--batch-size", type=int, default=128)
-    audit.add_argument("--lr", type=float, default=0.03)
+    audit.add_argument("--num-steps", type=positive_int, default=500)
+    audit.add_argument("--batch-size", type=positive_int, default=128)
+    audit.add_argument("--lr", type=positive_float, default=0.03)
     audit.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
                        help="audited model: an MLP (--hidden) or a 1-D CNN with average pooling (--channels)")
-    audit.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
-    audit.add_argument("--channels", type=int, nargs="+", default=[8, 8], help="CNN channels per layer")
+    audit.add_argument("--hidden", type=positive_int, nargs="+", default=[64, 64])
+    audit.add_argument("--channels", type=positive_int, nargs="+", default=[8, 8], help="CNN channels per layer")
     audit.add_argument("--no-progress", action="store_true")
     audit.set_defaults(func=_audit_poison)
 
     from .interactive.cli import add_interactive_parser, add_replay_log_parser
 
-    add_interactive_parser(sub)  # metagrad interactive
-    add_replay_log_parser(sub)  # metagrad replay-log LOG
+    interactive = add_interactive_parser(sub)  # metagrad interactive
+    replay_log = add_replay_log_parser(sub)  # metagrad replay-log LOG
+    flag_names = {"demo": _flag_names(demo, {**common, "num_meta_steps": "--meta-steps"}),
+                  "audit-poison": _flag_names(audit, {**common, "num_meta_steps": "--meta-steps"}),
+                  "interactive": _flag_names(interactive, common),
+                  "replay-log": _flag_names(replay_log, common)}
+    return parser, flag_names
+
+
+def main(argv=None, *, catch_errors: bool | None = None) -> int:
+    """Run ``metagrad`` on ``argv`` (default: the command line) and return its exit status.
+
+    With ``catch_errors`` (the default when ``argv`` is None, i.e. from the shell), an ordinary error raised
+    while the command runs is printed as one line ``metagrad <command>: <message>`` and gives status 2;
+    called with an ``argv`` list, e.g. from Python, the exception propagates unless ``catch_errors=True``.
+    """
+    parser, flag_names = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     for noisy in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return args.func(args)
+    return run_command(args, flag_names[args.command], catch_errors=argv is None if catch_errors is None
+                       else catch_errors)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module's imported copy, so that the UsageError raised by metagrad.interactive.cli (which imports
+    # metagrad.cli) is the class main catches.
+    from metagrad.cli import main as _main
+
+    sys.exit(_main())

@@ -16,7 +16,7 @@ from . import data as data_lib
 from .meta import LRSchedule
 from .mgd import mgd
 from .models import MLP
-from .report import format_table, pyplot
+from .report import format_table, plot_line, pyplot
 from .store import RunStore
 from .problem import train_and_evaluate
 from .training import TrainingProblem
@@ -54,7 +54,7 @@ def run_demo(out_dir: str, config: DemoConfig = DemoConfig(), *, progress: bool 
     """
     if resume is not None:
         fresh = fresh or not resume
-    store = RunStore(out_dir, {"demo": dataclasses.asdict(config)}, fresh=fresh)
+    store = RunStore(out_dir, dataclasses.asdict(config), fresh=fresh)
     tic = time.perf_counter()
     dataset = data_lib.mnist1d(seed=config.seed)
     problem = TrainingProblem(
@@ -109,11 +109,11 @@ def plot_demo(report: dict, problem: TrainingProblem, path: str) -> None:
     steps = np.arange(problem.num_steps)
     for name, key in (("initial", "initial_schedule"), ("learned", "learned_schedule")):
         lrs = np.asarray(problem.lr_schedule.values(jnp.asarray(report[key]), problem.num_steps))
-        ax1.plot(steps, lrs, label=name)
+        plot_line(ax1, steps, lrs, label=name)
     ax1.set(xlabel="training step", ylabel="learning rate", title="LR schedule")
     ax1.legend()
     hist = report["history"]
-    ax2.plot([h["meta_step"] for h in hist], [h["objective"] for h in hist], marker=".")
+    plot_line(ax2, [h["meta_step"] for h in hist], [h["objective"] for h in hist], short=None)
     ax2.set(xlabel="meta-step", ylabel="validation loss", title="Metaobjective during MGD")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

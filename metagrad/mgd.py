@@ -14,7 +14,6 @@ import os
 import time
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import optax
 

@@ -50,6 +50,14 @@ def pyplot():
     return plt
 
 
+def plot_line(ax, x, y, *, short: int | None = 30, **kwargs):
+    """``ax.plot(x, y, **kwargs)``, with markers on a short series, so that a single point (a line of length
+    zero, otherwise invisible) or a few still show: ``"o"`` for one point, ``"."`` up to ``short`` points
+    (``None``: at any length), unless ``kwargs`` names a marker."""
+    n = len(y)
+    if (short is None or n <= short) and "marker" not in kwargs:
+        kwargs["marker"] = "o" if n == 1 else "."
+    return ax.plot(x, y, **kwargs)
 
 
 def source_fingerprint(*packages) -> str:
@@ -96,31 +104,3 @@ class FinishedParts(RunStore):
     def clear(self) -> None:
         self.close()
         shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def tree_to_json(tree) -> list:
-    """A pytree's leaves as nested lists, for JSON (float32 values survive the round trip exactly)."""
-    import jax
-
-    return [np.asarray(a).tolist() for a in jax.tree.leaves(tree)]
-
-
-def tree_from_json(leaves: list, template, what: str):
-    """The inverse of :func:`tree_to_json`: numpy leaves with the structure, shapes and dtypes of ``template``.
-
-    A record that does not fit the template (another model or loop) raises a ``ValueError`` that starts with
-    ``what`` (the record's name) and says to start over with ``--fresh``.
-    """
-    import jax
-
-    like, treedef = jax.tree.flatten(template)
-    if len(leaves) != len(like):
-        raise ValueError(f"{what} holds {len(leaves)} arrays, this run {len(like)}: pass fresh=True to start over.")
-    restored = []
-    for value, t in zip(leaves, like):
-        array = np.asarray(value, dtype=t.dtype)
-        if array.shape != t.shape:
-            raise ValueError(f"{what} holds an array of shape {array.shape} where this run has {t.shape}: pass "
-                             "fresh=True to start over.")
-        restored.append(array)
-    return jax.tree.unflatten(treedef, restored)

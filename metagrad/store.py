@@ -56,9 +56,20 @@ def jsonable(x):
     return x
 
 
-def changed_settings(saved: dict, settings: dict) -> list:
-    """The keys whose values differ between two settings dicts (either side may lack a key), sorted."""
-    return sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+_MISSING = "(not set)"
+
+
+def changed_settings(saved: dict, settings: dict, prefix: str = "") -> list:
+    """``(name, saved value, new value)`` of every setting that differs between two settings dicts, sorted by name;
+    nested dicts are compared key by key (``"mgd.meta_lr"``), a key either side lacks is ``"(not set)"``."""
+    changed = []
+    for key in sorted(set(saved) | set(settings)):
+        old, new = saved.get(key, _MISSING), settings.get(key, _MISSING)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append((f"{prefix}{key}", old, new))
+    return changed
 
 
 _TREE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -110,10 +121,11 @@ class RunStore:
         saved = self._read_json(path) if os.path.exists(path) else None
         if saved is not None and saved != self.settings and self.holds_work():
             changed = changed_settings(saved, self.settings)
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {self.settings.get(k)!r}" for k in changed[:6])
+            details = ", ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in changed[:6])
+            more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
             raise SettingsMismatchError(
-                f"{self.directory} holds a run with other settings ({details}): pass fresh=True to discard it, "
-                "or give another directory.", changed)
+                f"{self.directory} holds a run with other settings ({details}{more}): pass fresh=True to discard "
+                "it, or give another directory.", [name for name, _, _ in changed])
         if saved != self.settings:
             _write_json_atomically(path, self.settings)
 

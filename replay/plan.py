@@ -1,8 +1,9 @@
 """Checkpointing plans: which states to store, recompute and free, in plain Python.
 
-A plan is a sequence of operations over integer step indices. Executing it with
-compiled pieces (see :mod:`replay.engine`) yields the reverse-mode metagradient of
-a training run ``state_{t+1} = step(state_t, meta, t)``, ``t = 0 .. T-1``.
+A plan is a sequence of operations over integer step indices. Executing it
+(:func:`replay.strategies.execute`, with the compiled pieces of
+:mod:`replay.compiled`) yields the reverse-mode metagradient of a training run
+``state_{t+1} = step(state_t, meta, t)``, ``t = 0 .. T-1``.
 
 Operations (each a small tuple):
 

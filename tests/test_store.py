@@ -25,6 +25,14 @@ def test_settings_are_stored_and_a_rerun_with_other_settings_is_refused(tmp_path
     RunStore(str(tmp_path / "empty"), {"a": 2})
 
 
+def test_nested_settings_are_named_by_their_path(tmp_path):
+    store = RunStore(str(tmp_path / "run"), {"mgd": {"meta_lr": 0.1, "k": 4}, "seed": 0})
+    store.put("part", 1)
+    with pytest.raises(SettingsMismatchError, match=r"\(mgd\.meta_lr: 0\.1 -> 0\.2, seed: 0 -> '\(not set\)'\)") as err:
+        RunStore(str(tmp_path / "run"), {"mgd": {"meta_lr": 0.2, "k": 4}})
+    assert err.value.changed == ["mgd.meta_lr", "seed"]
+
+
 def test_a_file_in_place_of_the_folder_is_refused(tmp_path):
     path = tmp_path / "result.json"
     path.write_text("{}")

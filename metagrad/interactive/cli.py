@@ -18,24 +18,30 @@ import os
 import sys
 import time
 
+from ..cli import (UsageError, branching_factor, existing_file, nonnegative_float, nonnegative_int, output_file,
+                   output_folder, port_number, positive_float, positive_int)
+
 
 def add_interactive_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("interactive", help="train the built-in problem under a control server, dashboard and agent")
-    p.add_argument("--out", default="metagrad_interactive", help="folder for the intervention log and checkpoints")
+    p.add_argument("--out", type=output_folder, default="metagrad_interactive",
+                   help="folder for the intervention log and checkpoints (default: ./metagrad_interactive)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
-    p.add_argument("--num-steps", type=int, help="training steps (default 3000)")
-    p.add_argument("--lr", type=float, help="initial learning rate (default 0.05)")
-    p.add_argument("--hidden", type=int, nargs="+", help="MLP widths (default 64 64)")
+    p.add_argument("--port", type=port_number, default=8765, help="port (0: any free one)")
+    p.add_argument("--num-steps", type=positive_int, help="training steps (default 3000)")
+    p.add_argument("--lr", type=positive_float, help="initial learning rate (default 0.05)")
+    p.add_argument("--hidden", type=positive_int, nargs="+", help="MLP widths (default 64 64)")
     p.add_argument("--dataset", choices=("mnist1d", "blobs"), default="mnist1d")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--step-delay", type=float, default=0.01, help="minimum seconds per step, to follow the run")
+    p.add_argument("--eval-every", type=nonnegative_int, default=50,
+                   help="steps between validation evaluations (0: only on request)")
+    p.add_argument("--step-delay", type=nonnegative_float, default=0.01,
+                   help="minimum seconds per step, to follow the run")
     p.add_argument("--paused", action="store_true", help="start paused")
     p.add_argument("--agent", choices=("none", "rules", "openai"), default="none",
                    help="an agent in the loop: rule-based, or an OpenAI-compatible endpoint (--agent-url)")
     p.add_argument("--agent-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--agent-model", default="gpt-4o-mini")
-    p.add_argument("--agent-every", type=int, default=20, help="steps between agent decisions")
+    p.add_argument("--agent-every", type=positive_int, default=20, help="steps between agent decisions")
     p.add_argument("--exit-when-done", action="store_true", help="exit when the run finishes (default: keep serving)")
     p.set_defaults(func=run_interactive)
     return p
@@ -43,11 +49,12 @@ def add_interactive_parser(sub) -> argparse.ArgumentParser:
 
 def add_replay_log_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("replay-log", help="re-run an intervention log and check it reproduces the run exactly")
-    p.add_argument("log", help="the intervention log (JSON lines) written by metagrad interactive")
+    p.add_argument("log", metavar="LOG", type=existing_file,
+                   help="the intervention log (JSON lines) written by metagrad interactive")
     p.add_argument("--metagrad", action="store_true",
                    help="also print d(val loss)/d(LR of each intervention) by REPLAY")
-    p.add_argument("--k", type=int, default=4, help="REPLAY branching factor for --metagrad")
-    p.add_argument("--json", dest="json_out", help="write the result as JSON here")
+    p.add_argument("--k", type=branching_factor, default=4, help="REPLAY branching factor for --metagrad (>= 2)")
+    p.add_argument("--json", dest="json_out", type=output_file, help="write the result as JSON here")
     p.set_defaults(func=run_replay_log)
     return p
 
@@ -68,7 +75,57 @@ def _spec(args) -> dict:
     return spec
 
 
+def _check_extra(agent: str) -> None:
+    """The ``[interactive]`` extra's packages import, or a :class:`UsageError` says how to install them."""
+    import importlib
+
+    for module in ("fastapi", "uvicorn", "websockets") + (("httpx",) if agent != "none" else ()):
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise UsageError(f"the dashboard server needs the [interactive] extra, which is not installed ({err}): "
+                             "run pip install -e '.[interactive]' in a checkout, or pip install "
+                             "'metagrad[interactive]'") from None
+
+
+def _listen_error(err: OSError, host: str, port: int) -> UsageError:
+    import errno
+
+    if err.errno == errno.EADDRINUSE:
+        return UsageError(f"port {port} on {host} is in use (another metagrad interactive?): pass --port 0 to pick "
+                          "a free port, or another --port")
+    if err.errno == errno.EACCES:
+        return UsageError(f"no permission to listen on port {port}: pass --port 0 to pick a free port, or a --port "
+                          ">= 1024")
+    return UsageError(f"cannot listen on --host {host} --port {port} ({err.strerror or err}): give an IPv4 address "
+                      "of this machine, e.g. --host 127.0.0.1, or --port 0")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Binds ``host:port`` as the server will (then lets go), so a busy port is reported before any work."""
+    import socket
+
+    if port == 0:
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1)
+    except OSError as err:
+        raise _listen_error(err, host, port) from None
+    finally:
+        sock.close()
+
+
 def run_interactive(args) -> int:
+    # Everything that can fail on an ordinary mistake is checked before the log is opened or anything is trained.
+    _check_extra(args.agent)
+    if args.agent == "openai" and not args.agent_url:
+        raise UsageError("--agent openai needs --agent-url (an OpenAI-compatible base URL, e.g. "
+                         "http://127.0.0.1:8000/v1)")
+    _check_port(args.host, args.port)
+
     from .agents import AgentRunner, OpenAIChatAgent, RuleAgent
     from .problems import build_problem
     from .server import ControlServer
@@ -80,7 +137,11 @@ def run_interactive(args) -> int:
     trainer = Trainer(build_problem(spec), spec=spec, log_path=log_path,
                       checkpoint_dir=os.path.join(args.out, "checkpoints"), eval_every=args.eval_every,
                       min_step_seconds=args.step_delay, start_paused=args.paused)
-    server = ControlServer(trainer, host=args.host, port=args.port).start()
+    try:
+        server = ControlServer(trainer, host=args.host, port=args.port).start()
+    except OSError as err:  # taken since _check_port
+        trainer.finish()
+        raise _listen_error(err, args.host, args.port) from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: the server listens on {args.host}, reachable from other machines; anyone with the "
               "token can steer the run.", file=sys.stderr)
@@ -92,8 +153,6 @@ def run_interactive(args) -> int:
     trainer.start()
     agent = None
     if args.agent != "none":
-        if args.agent == "openai" and not args.agent_url:
-            raise SystemExit("--agent openai needs --agent-url (an OpenAI-compatible base URL).")
         policy = RuleAgent() if args.agent == "rules" else OpenAIChatAgent(
             args.agent_url, model=args.agent_model, api_key=os.environ.get("OPENAI_API_KEY"), every=args.agent_every)
         agent = AgentRunner(server.base_url, server.token, policy, every=args.agent_every).start()
@@ -144,13 +203,17 @@ def run_replay_log(args) -> int:
     return 0 if result.matches in (True, None) else 1
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="metagrad")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_interactive_parser(sub)
-    add_replay_log_parser(sub)
+def main(argv=None, *, catch_errors: bool | None = None) -> int:
+    """Like :func:`metagrad.cli.main`, for these two commands only."""
+    from ..cli import CommandLineParser, _flag_names, run_command
+
+    parser = CommandLineParser(prog="metagrad")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    flag_names = {"interactive": _flag_names(add_interactive_parser(sub)),
+                  "replay-log": _flag_names(add_replay_log_parser(sub))}
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run_command(args, flag_names[args.command],
+                       catch_errors=argv is None if catch_errors is None else catch_errors)
 
 
 if __name__ == "__main__":
