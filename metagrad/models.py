@@ -58,6 +58,57 @@ class CNN1D(nn.Module):
         return nn.Dense(self.num_classes)(x) * self.logit_scale
 
 
+class ResidualCNN(nn.Module):
+    """A small ResNet-9-shaped 2-D CNN with BatchNorm (Page's ResNet-9, as in Engstrom et al. 2025, scaled down).
+
+    With ``channels = (c1, c2, c3)``: a stem conv of ``c1``; stage 1: a conv of
+    ``c2`` and a 2x2 pool, then a residual block of two convs; stage 2: a conv of
+    ``c3`` and a pool; stage 3: a conv of ``c3`` and a pool, then a residual block;
+    global pooling and a dense head, its logits multiplied by ``logit_scale``. Every conv is
+    conv-BatchNorm-ReLU. The options are the metasmoothness choices of
+    Engstrom et al. (arXiv 2503.13751, section 4): where BatchNorm sits
+    (``norm="before"`` the ReLU, ``"after"`` it, or ``"none"``), the pooling
+    (``"max"`` or ``"avg"``), the width (``channels``) and the logit scale.
+    Inputs are ``(N, H, W)`` or ``(N, H, W, C)`` images.
+    """
+
+    channels: Sequence[int] = (16, 32, 64)
+    num_classes: int = 10
+    norm: str = "before"      # "before" | "after" | "none"
+    pooling: str = "max"      # "max" | "avg"
+    logit_scale: float = 0.125
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.norm not in ("before", "after", "none"):
+            raise ValueError(f"ResidualCNN.norm must be 'before', 'after' or 'none', got {self.norm!r}.")
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"ResidualCNN.pooling must be 'max' or 'avg', got {self.pooling!r}.")
+        if x.ndim == 3:
+            x = x[..., None]
+        pool = {"max": nn.max_pool, "avg": nn.avg_pool}[self.pooling]
+        c1, c2, c3 = self.channels
+
+        def conv_block(h, features):
+            h = nn.Conv(features, (3, 3), use_bias=self.norm == "none")(h)
+            bn = lambda z: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(z)  # noqa: E731
+            if self.norm == "before":
+                h = bn(h)
+            h = nn.relu(h)
+            return bn(h) if self.norm == "after" else h
+
+        def residual(h, features):
+            return h + conv_block(conv_block(h, features), features)
+
+        x = conv_block(x, c1)
+        x = residual(pool(conv_block(x, c2), (2, 2), strides=(2, 2)), c2)
+        x = pool(conv_block(x, c3), (2, 2), strides=(2, 2))
+        x = residual(pool(conv_block(x, c3), (2, 2), strides=(2, 2), padding="SAME"), c3)
+        x = jnp.max(x, axis=(1, 2)) if self.pooling == "max" else jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes)(x) * self.logit_scale
+
+
 def takes_train_flag(model: nn.Module) -> bool:
     """Whether ``model.__call__`` accepts ``train=`` (then dropout etc. are switched by it)."""
     return "train" in inspect.signature(type(model).__call__).parameters

@@ -38,7 +38,7 @@ def drive(trainer: Trainer, script, until=None):
         while trainer.t < step:
             assert trainer.step_once()
         records.append(trainer.submit(payload))
-        trainer._drain()
+        trainer.apply_pending_commands()
     while trainer.t < trainer.num_steps and not trainer.stopped:
         if not trainer.step_once():
             break
@@ -90,7 +90,7 @@ def test_freeze_keeps_layer_and_reset_reinitializes():
     for _ in range(3):
         tr.step_once()
     tr.submit({"command": "freeze_layer", "layer": "Dense_0"})
-    tr._drain()
+    tr.apply_pending_commands()
     before = np.asarray(tr.state["params"]["Dense_0"]["kernel"]).copy()
     other = np.asarray(tr.state["params"]["Dense_1"]["kernel"]).copy()
     for _ in range(3):
@@ -99,7 +99,7 @@ def test_freeze_keeps_layer_and_reset_reinitializes():
     assert not np.array_equal(other, tr.state["params"]["Dense_1"]["kernel"])
     trained = np.asarray(tr.state["params"]["Dense_1"]["kernel"]).copy()
     tr.submit({"command": "reset_layer", "layer": "Dense_1", "seed": 0})
-    tr._drain()
+    tr.apply_pending_commands()
     assert not np.array_equal(trained, tr.state["params"]["Dense_1"]["kernel"])
     # the reset layer's optimizer state (momentum) starts afresh too; the other layer's is kept
     trace = tr.state["opt_state"].inner_state[0].trace
@@ -135,7 +135,7 @@ def test_divergence_pauses_at_last_finite_state_and_a_checkpoint_rescues(tmp_pat
     tr = Trainer(build_problem(SPEC), spec=SPEC, log_path=log, eval_every=0)
     tr.submit({"command": "save_checkpoint", "name": "start"})
     tr.submit({"command": "set_hyperparams", "values": {"learning_rate": 50.0}})
-    tr._drain()
+    tr.apply_pending_commands()
     steps = 0
     while tr.step_once():
         steps += 1
@@ -146,12 +146,12 @@ def test_divergence_pauses_at_last_finite_state_and_a_checkpoint_rescues(tmp_pat
     assert t_div > 0
     tr.submit({"command": "load_checkpoint", "checkpoint": "start"})  # forks branch 1 at step 0, LR 0.05
     tr.submit({"command": "resume"})
-    tr._drain()
+    tr.apply_pending_commands()
     assert tr.status == "running" and tr.branch == 1 and tr.t == 0
     while tr.t < tr.num_steps:
         assert tr.step_once()
     tr.finish()
-    assert np.isfinite(tr._evaluate()["val_loss"])
+    assert np.isfinite(tr.evaluate()["val_loss"])
     assert replay_log(log).matches is True
 
 
@@ -163,7 +163,7 @@ def test_intervention_metagradients_match_finite_differences(tmp_path):
                (25, {"command": "set_hyperparams", "values": {"learning_rate": 0.03}}),
                (30, {"command": "load_checkpoint", "checkpoint": "a"}),
                (20, {"command": "set_hyperparams", "values": {"learning_rate": 0.02}})], until=40)
-    val = tr._evaluate()["val_loss"]
+    val = tr.evaluate()["val_loss"]
     m = intervention_metagradients(log, k=3)
     assert m["num_steps"] == 40
     assert m["val_loss"] == pytest.approx(val, rel=1e-5)
@@ -177,7 +177,7 @@ def test_intervention_metagradients_match_finite_differences(tmp_path):
         vals = []
         for sign in (1, -1):
             r = replay_log(log, overrides={seq: {"values": {"learning_rate": lr + sign * eps}}})
-            vals.append(r.trainer._evaluate()["val_loss"])
+            vals.append(r.trainer.evaluate()["val_loss"])
         fd = (vals[0] - vals[1]) / (2 * eps)
         assert rows[seq]["dval_dlr"] == pytest.approx(fd, rel=0.05, abs=2e-3)
 
@@ -200,12 +200,12 @@ def test_replay_detects_a_different_problem(tmp_path):
 def test_suggest_lr_reports_a_direction_that_lowers_the_window_loss():
     tr = Trainer(build_problem(SPEC), eval_every=0)
     tr.submit({"command": "set_hyperparams", "values": {"learning_rate": 0.002}})
-    tr._drain()
+    tr.apply_pending_commands()
     for _ in range(5):
         tr.step_once()
     rec = tr.submit({"command": "suggest_lr", "window": 40})
     fp = fingerprint(tr.state)
-    tr._drain()
+    tr.apply_pending_commands()
     out = tr.command_record(rec["id"])
     assert out["status"] == "succeeded", out["reason"]
     r = out["result"]

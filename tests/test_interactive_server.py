@@ -209,7 +209,7 @@ def _untouched_val_loss():
     tr = Trainer(build_problem(RESCUE), eval_every=0)
     while tr.t < tr.num_steps and tr.step_once():
         pass
-    return tr._evaluate()["val_loss"]
+    return tr.evaluate()["val_loss"]
 
 
 def test_rule_agent_rescues_a_too_high_learning_rate(tmp_path):
@@ -219,7 +219,7 @@ def test_rule_agent_rescues_a_too_high_learning_rate(tmp_path):
     server = ControlServer(trainer).start()
     agent = AgentRunner(server.base_url, server.token, RuleAgent(), every=5).start()
     try:
-        assert wait_for(lambda: agent.view.status == "running" or agent._thread.is_alive(), 10)
+        assert wait_for(lambda: agent.view.status == "running" or agent.is_alive(), 10)
         httpx.post(server.base_url + "/api/commands", json={"command": "resume"}, headers={"X-Token": server.token})
         assert wait_for(lambda: trainer.status in ("finished", "stopped", "error"), 120)
     finally:
@@ -227,7 +227,7 @@ def test_rule_agent_rescues_a_too_high_learning_rate(tmp_path):
         trainer.request_stop()
         trainer.join(10)
         server.stop()
-    rescued = trainer._evaluate()["val_loss"]
+    rescued = trainer.evaluate()["val_loss"]
     acted = [d for d in agent.decisions if d[1] != "Same"]
     assert acted, agent.decisions
     assert not agent.errors, agent.errors

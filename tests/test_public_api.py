@@ -85,6 +85,79 @@ def test_no_script_edits_sys_path():
     assert offenders == []
 
 
+def imported_modules(path: pathlib.Path) -> set:
+    """The top-level names of the modules a file imports (absolute imports only)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def module_global_assignments(path: pathlib.Path) -> list:
+    """``alias.name = ...`` where ``alias`` is an imported module: configuration by reassigning a module global."""
+    tree = ast.parse(path.read_text())
+    aliases = _module_aliases(tree)
+    found = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id in aliases:
+                found.append(f"{aliases[target.value.id]}.{target.attr}")
+    return found
+
+
+# Private attributes of other libraries' objects that have no public equivalent: namedtuple's _replace (its public
+# API, underscored to avoid field names), argparse's list of a parser's options, jax.jit's count of compiled programs.
+THIRD_PARTY_PRIVATE = {"_replace", "_actions", "_cache_size"}
+
+
+def private_attribute_uses(path: pathlib.Path) -> list:
+    """``obj._name`` for any ``obj`` but ``self``/``cls``: a private attribute of another object."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and node.attr not in THIRD_PARTY_PRIVATE
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_no_object_private_attribute_is_used_from_outside():
+    offenders = {str(p.relative_to(ROOT)): private_attribute_uses(p) for p in SOURCES
+                 if p.name != "test_public_api.py"}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_replay_imports_nothing_from_metagrad_and_scripts_import_no_other_script():
+    assert {str(p.relative_to(ROOT)) for p in (ROOT / "replay").rglob("*.py") if "metagrad" in imported_modules(p)} \
+        == set()
+    scripts = {p.stem for p in (ROOT / "experiments").rglob("*.py")}
+    offenders = {str(p.relative_to(ROOT)): imported_modules(p) & scripts
+                 for p in (ROOT / "experiments").rglob("*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_no_module_global_is_reassigned_from_outside():
+    offenders = {str(p.relative_to(ROOT)): module_global_assignments(p) for p in SOURCES
+                 if p.parts[-2] != "tests"}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_import_and_global_checks_can_fail(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import sys\nimport metagrad\nfrom metagrad.hyperflow import bias as hb\nimport replay_vs_peers\n"
+                      "hb.conv_same = None\nsys.argv = []\nlocal = object()\nlocal.x = 1\n")
+    assert imported_modules(sample) == {"sys", "metagrad", "replay_vs_peers"}
+    assert module_global_assignments(sample) == ["metagrad.hyperflow.bias.conv_same", "sys.argv"]
+    assert private_attribute_uses(sample) == []
+    sample.write_text("trainer._seq = 3\nself._ok = 1\nt._replace(a=1)\n")
+    assert private_attribute_uses(sample) == ["trainer._seq"]
+
+
 def test_moved_names_still_work_with_a_deprecation_warning():
     import sys
 

@@ -123,28 +123,45 @@ def conv_same_xla(h, kernel):
     return lax.conv_general_dilated(h, kernel, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
 
 
-def forward(backbone, biases, x):
+# A 1-D CNN backbone's convolution, two ways (the same function), chosen by name wherever a backbone runs
+# (``convolution=`` of :func:`forward` and the functions above it, :attr:`BiasDriftConfig.convolution`): on a CPU
+# the shifted products are 5-8x faster for gradient descent, XLA's convolution keeps 2.5-3x less memory
+# (``experiments/benchmarks/conv1d_impl.py``). Names, not functions, so that a config stays hashable and JSON.
+CONVOLUTIONS = {"shifted products": conv_same, "XLA convolution": conv_same_xla}
+DEFAULT_CONVOLUTION = "shifted products"
+
+
+def convolution_named(name: str):
+    """The convolution of :data:`CONVOLUTIONS` called ``name`` (``ValueError`` naming the choices otherwise)."""
+    if name not in CONVOLUTIONS:
+        raise ValueError(f"convolution must be one of {sorted(CONVOLUTIONS)}, got {name!r}.")
+    return CONVOLUTIONS[name]
+
+
+def forward(backbone, biases, x, convolution: str = DEFAULT_CONVOLUTION):
     """Forward pass of the ReLU backbone with ``biases``: ``(pre-activations, activations, features)``.
 
     MLP (``Dense_i``): the same function as :func:`metagrad.hyperflow.features`
     (L2-normalized ReLU of the last layer) for ``biases = get_biases(backbone)``.
     1-D CNN (``Conv_i``, :class:`ConvBackbone`): ``SAME``-padded convolutions
     and ReLUs on ``x`` (N, L), then the last layer's activations averaged over
-    positions and L2-normalized; the activations are (N, L, C).
+    positions and L2-normalized; the activations are (N, L, C). ``convolution``: a
+    name in :data:`CONVOLUTIONS` (a CNN's; an MLP ignores it).
     """
     conv = is_conv(backbone)
+    conv_fn = convolution_named(convolution)
     h = x[..., None] if conv else x.reshape((x.shape[0], -1))
     zs, hs = [], []
     for name in layer_names(backbone):
         kernel = backbone[name]["kernel"]
-        z = (conv_same(h, kernel) if conv else h @ kernel) + biases[name]
+        z = (conv_fn(h, kernel) if conv else h @ kernel) + biases[name]
         h = jax.nn.relu(z)
         zs.append(z), hs.append(h)
     f = jnp.mean(h, 1) if conv else h
     return zs, hs, f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + 1e-6)
 
 
-def pooled_forward(backbone, biases, x):
+def pooled_forward(backbone, biases, x, convolution: str = DEFAULT_CONVOLUTION):
     """A 1-D CNN backbone's forward pass reduced per example and channel, one support example at a time.
 
     Returns ``(layers, features)``: for every layer, ``(z, h, firing)`` (N, C) --
@@ -156,7 +173,7 @@ def pooled_forward(backbone, biases, x):
     """
 
     def one(xi):
-        zs, hs, f = forward(backbone, biases, xi[None])
+        zs, hs, f = forward(backbone, biases, xi[None], convolution)
         return [(jnp.mean(z[0], 0), jnp.mean(h[0], 0), jnp.mean((z[0] > 0).astype(z.dtype), 0))
                 for z, h in zip(zs, hs)], f[0]
 
@@ -180,62 +197,67 @@ class ConvBackbone(nn.Module):
         return nn.Dense(self.num_classes)(jnp.mean(h, 1))
 
 
-def features(backbone, biases, x):
-    return forward(backbone, biases, x)[2]
+def features(backbone, biases, x, convolution: str = DEFAULT_CONVOLUTION):
+    return forward(backbone, biases, x, convolution)[2]
 
 
-def backbone_features(backbone, x):
+def backbone_features(backbone, x, convolution: str = DEFAULT_CONVOLUTION):
     """:func:`features` of a backbone under its own biases: what the head reads once every parameter has been
     fine-tuned (``features_fn`` of :func:`metagrad.hyperflow.finetune_full` for a 1-D CNN)."""
-    return features(backbone, get_biases(backbone), x)
+    return features(backbone, get_biases(backbone), x, convolution)
 
 
-def support_features(backbone, biases, x):
+def support_features(backbone, biases, x, convolution: str = DEFAULT_CONVOLUTION):
     """:func:`features` for passes that take no derivative: a 1-D CNN's come from :func:`pooled_forward`, one
     example at a time (an MLP's from :func:`forward`)."""
-    return pooled_forward(backbone, biases, x)[1] if is_conv(backbone) else features(backbone, biases, x)
+    if is_conv(backbone):
+        return pooled_forward(backbone, biases, x, convolution)[1]
+    return features(backbone, biases, x)
 
 
-def loss(theta, backbone, x, y_onehot):
+def loss(theta, backbone, x, y_onehot, convolution: str = DEFAULT_CONVOLUTION):
     """Support cross-entropy ``L_S(theta)`` of the (biases, head) subset."""
-    return hf.head_loss(theta["head"], features(backbone, theta["biases"], x), y_onehot)
+    return hf.head_loss(theta["head"], features(backbone, theta["biases"], x, convolution), y_onehot)
 
 
-def init_theta(backbone, x, y_onehot, scale):
+def init_theta(backbone, x, y_onehot, scale, convolution: str = DEFAULT_CONVOLUTION):
     """Starting point of every method: the pretrained biases and the prototype head of the support set."""
     biases = get_biases(backbone)
-    return {"biases": biases, "head": hf.prototype_head(support_features(backbone, biases, x), y_onehot, scale)}
+    feats = support_features(backbone, biases, x, convolution)
+    return {"biases": biases, "head": hf.prototype_head(feats, y_onehot, scale)}
 
 
-def log_probs(theta, backbone, x):
+def log_probs(theta, backbone, x, convolution: str = DEFAULT_CONVOLUTION):
     """Class log-probabilities of the (biases, head) model ``theta`` on inputs ``x``."""
-    return jax.nn.log_softmax(hf.head_logits(theta["head"], features(backbone, theta["biases"], x)), -1)
+    logits = hf.head_logits(theta["head"], features(backbone, theta["biases"], x, convolution))
+    return jax.nn.log_softmax(logits, -1)
 
 
-def accuracy(theta, backbone, x, y):
-    return hf.accuracy(theta["head"], features(backbone, theta["biases"], x), y)
+def accuracy(theta, backbone, x, y, convolution: str = DEFAULT_CONVOLUTION):
+    return hf.accuracy(theta["head"], features(backbone, theta["biases"], x, convolution), y)
 
 
 # ----------------------------------------------------------------------------- gradient-descent baselines
 
 
-def finetune_step(state, meta, t):
+def finetune_step(state, meta, t, convolution: str = DEFAULT_CONVOLUTION):
     """One GD step on (biases, head) (metagrad's ``step(state, meta, t)`` contract); backprops through the backbone.
 
     ``state = {"theta"}``, ``meta = {"backbone", "x", "y_onehot", "lr_bias", "lr_head"}``.
     """
-    g = jax.grad(loss)(state["theta"], meta["backbone"], meta["x"], meta["y_onehot"])
+    g = jax.grad(loss)(state["theta"], meta["backbone"], meta["x"], meta["y_onehot"], convolution)
     th = state["theta"]
     return {"theta": {"biases": jax.tree.map(lambda p, d: p - meta["lr_bias"] * d, th["biases"], g["biases"]),
                       "head": jax.tree.map(lambda p, d: p - meta["lr_head"] * d, th["head"], g["head"])}}
 
 
-def finetune(backbone, support_x, support_y, *, lr_bias, lr_head, num_steps, ways, scale):
+def finetune(backbone, support_x, support_y, *, lr_bias, lr_head, num_steps, ways, scale,
+             convolution: str = DEFAULT_CONVOLUTION):
     """Baseline: gradient descent on the biases and the head (the subset HyperFlow adapts); uses ``jax.grad``."""
     y1h = jax.nn.one_hot(support_y, ways)
     meta = {"backbone": backbone, "x": support_x, "y_onehot": y1h, "lr_bias": lr_bias, "lr_head": lr_head}
-    state = {"theta": init_theta(backbone, support_x, y1h, scale)}
-    return lax.fori_loop(0, num_steps, lambda t, s: finetune_step(s, meta, t), state)["theta"]
+    state = {"theta": init_theta(backbone, support_x, y1h, scale, convolution)}
+    return lax.fori_loop(0, num_steps, lambda t, s: finetune_step(s, meta, t, convolution), state)["theta"]
 
 
 # ----------------------------------------------------------------------------- drift network
@@ -258,6 +280,8 @@ class BiasDriftConfig:
         in the paper: no forward pass of the target model while integrating): the support set is
         encoded once at the starting point by :func:`encode_support`, and each Euler step runs only
         the drift network on that encoding and the current parameters.
+      convolution: how a 1-D CNN backbone's convolutions are computed (a name in :data:`CONVOLUTIONS`;
+        the same function either way, a different time and memory).
     """
 
     head: hf.DriftConfig = hf.DriftConfig()
@@ -265,10 +289,12 @@ class BiasDriftConfig:
     bias_scales: tuple = ()
     head_scales: tuple = (("bias", 1.0), ("kernel", 1.0))
     support: str = "live"
+    convolution: str = DEFAULT_CONVOLUTION
 
     def __post_init__(self):
         if self.support not in SUPPORT_MODES:
             raise ValueError(f"support must be one of {SUPPORT_MODES}, got {self.support!r}.")
+        convolution_named(self.convolution)
 
 
 SUPPORT_MODES = ("live", "encoded")
@@ -371,7 +397,7 @@ def _layer_statistics(layers, logits, y_onehot):
 def drift(phi, theta, t, backbone, x, y_onehot, config: BiasDriftConfig):
     """``h_phi(theta, t | S)`` for ``theta = {"biases", "head"}``: a backbone forward pass, then the token MLPs."""
     if is_conv(backbone):  # per-example channel averages, one example at a time
-        layers, f = pooled_forward(backbone, theta["biases"], x)
+        layers, f = pooled_forward(backbone, theta["biases"], x, config.convolution)
     else:
         zs, hs, f = forward(backbone, theta["biases"], x)
         layers = [(z, h, None) for z, h in zip(zs, hs)]
@@ -387,7 +413,7 @@ def drift(phi, theta, t, backbone, x, y_onehot, config: BiasDriftConfig):
     return {"biases": v_bias, "head": v_head}
 
 
-def encode_support(backbone, theta0, x, y_onehot):
+def encode_support(backbone, theta0, x, y_onehot, convolution: str = DEFAULT_CONVOLUTION):
     """The encoded drift's view of the support set: forward statistics at the starting point, computed once.
 
     Two forward passes, each keeping only what it needs: the first gives the
@@ -402,7 +428,7 @@ def encode_support(backbone, theta0, x, y_onehot):
     keep until the head's probabilities are known.
     """
     if is_conv(backbone):
-        layers, f = pooled_forward(backbone, theta0["biases"], x)
+        layers, f = pooled_forward(backbone, theta0["biases"], x, convolution)
         units = _layer_statistics(layers, hf.head_logits(theta0["head"], f), y_onehot)
         return {"feats": f, "units": units, "biases0": theta0["biases"]}
     f = features(backbone, theta0["biases"], x)
@@ -454,7 +480,7 @@ def encoded_drift(phi, theta, t, encoding, y_onehot, config: BiasDriftConfig):
 def velocity_field(phi, theta0, backbone, x, y_onehot, config: BiasDriftConfig):
     """``(theta, t) -> h_phi(theta, t | S)`` for an integration that starts at ``theta0`` (per ``config.support``)."""
     if config.support == "encoded":
-        encoding = encode_support(backbone, theta0, x, y_onehot)
+        encoding = encode_support(backbone, theta0, x, y_onehot, config.convolution)
         return lambda theta, t: encoded_drift(phi, theta, t, encoding, y_onehot, config)
     return lambda theta, t: drift(phi, theta, t, backbone, x, y_onehot, config)
 
@@ -488,7 +514,7 @@ def _check_support(phi, backbone, support_x, support_y, config: BiasDriftConfig)
 @functools.partial(jax.jit, static_argnames=("config", "num_steps"))
 def _adapt(phi, backbone, support_x, support_y, *, config: BiasDriftConfig, num_steps: int):
     y1h = jax.nn.one_hot(support_y, config.head.ways)
-    theta0 = init_theta(backbone, support_x, y1h, config.head.scale)
+    theta0 = init_theta(backbone, support_x, y1h, config.head.scale, config.convolution)
     field = velocity_field(phi, theta0, backbone, support_x, y1h, config)
     return hf.euler(field, theta0, num_steps, 1.0 / num_steps if num_steps else 0.0)
 
@@ -496,9 +522,9 @@ def _adapt(phi, backbone, support_x, support_y, *, config: BiasDriftConfig, num_
 # ----------------------------------------------------------------------------- trajectories and meta-training
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "num_knots", "num_starts", "ways", "scale"))
+@functools.partial(jax.jit, static_argnames=("num_steps", "num_knots", "num_starts", "ways", "scale", "convolution"))
 def simulate_trajectories(backbone, support_x, support_y, key, lr_bias, lr_head, *, num_steps, num_knots,
-                          num_starts, ways, scale):
+                          num_starts, ways, scale, convolution: str = DEFAULT_CONVOLUTION):
     """GD fine-tuning trajectories of (biases, head) on a batch of tasks (vmapped over tasks and starts, one program).
 
     Start 0 is the pretrained biases with the prototype head; the others
@@ -512,7 +538,7 @@ def simulate_trajectories(backbone, support_x, support_y, key, lr_bias, lr_head,
 
     def one_task(sx, sy, k):
         y1h = jax.nn.one_hot(sy, ways)
-        theta = init_theta(backbone, sx, y1h, scale)
+        theta = init_theta(backbone, sx, y1h, scale, convolution)
         meta = {"backbone": backbone, "x": sx, "y_onehot": y1h, "lr_bias": lr_bias, "lr_head": lr_head}
 
         def start(r):
@@ -526,7 +552,7 @@ def simulate_trajectories(backbone, support_x, support_y, key, lr_bias, lr_head,
             return jax.tree.map(lambda a, b: jnp.where(r == 0, a, b), theta, {"biases": biases, "head": head})
 
         def run(th0):
-            return hf.run_knots(finetune_step, meta, {"theta": th0}, "theta", num_knots, every)
+            return hf.run_knots(functools.partial(finetune_step, convolution=convolution), meta, {"theta": th0}, "theta", num_knots, every)
 
         return jax.vmap(lambda r: run(start(r)))(jnp.arange(num_starts))
 
@@ -619,7 +645,7 @@ def refine_on_rollouts(phi, config: BiasDriftConfig, trajectories, backbone, que
         field = velocity_field(phi, jax.tree.map(lambda a: a[0], path), backbone, x[task],
                                jax.nn.one_hot(y[task], ways), config)
         return hf.rollout_divergence(
-            field, lambda theta: log_probs(theta, backbone, query_x[task]),
+            field, lambda theta: log_probs(theta, backbone, query_x[task], config.convolution),
             lambda theta, target: _parameter_error(theta, target, rms), path, num_euler, parameter_weight)
 
     return hf.regress_drift(sample_loss, phi, num_tasks=x.shape[0], num_starts=jax.tree.leaves(knots)[0].shape[1],

@@ -303,6 +303,10 @@ class AgentRunner:
         self._thread.start()
         return self
 
+    def is_alive(self) -> bool:
+        """Whether the agent's thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -71,8 +71,7 @@ def replay_log(path: str, problem=None, *, trace: bool = False, overrides: dict 
         _advance(trainer, record["step"], record["branch"], what)
         args = overrides.get(record["seq"], record["args"])
         command = parse_command({"command": record["command"], **args})
-        trainer._seq = record["seq"] - 1  # keep the logged numbering (LR sources refer to it)
-        trainer.apply(command)
+        trainer.apply(command, seq=record["seq"])  # keep the logged numbering (LR sources refer to it)
         if record["command"] == "stop":
             break
     if end is not None:

@@ -231,7 +231,8 @@ class Trainer:
             record.update(status=status, **fields)
             self._emit({"type": "command", "record": dict(record)})
 
-    def _drain(self) -> None:
+    def apply_pending_commands(self) -> None:
+        """Apply every queued command now, in order (the run loop does this between steps)."""
         while True:
             with self._lock:
                 if not self._queue:
@@ -251,16 +252,20 @@ class Trainer:
             return
         self._set_status(record, "succeeded", result=result)
 
-    def apply(self, command, *, record_step=None, record_branch=None) -> dict | None:
-        """Apply one validated command now (at the boundary before step ``self.t``) and log it."""
+    def apply(self, command, *, record_step=None, record_branch=None, seq: int | None = None) -> dict | None:
+        """Apply one validated command now (at the boundary before step ``self.t``) and log it.
+
+        ``seq``: the intervention's number (default: the next one); a replay passes the logged number, which
+        the LR sources refer to."""
         self._precheck(command)
         step, branch = self.t, self.branch
         handler = getattr(self, f"_cmd_{command.command}")
-        self._seq += 1
+        previous = self._seq
+        self._seq = self._seq + 1 if seq is None else int(seq)
         try:
             result = handler(command)
         except Exception:
-            self._seq -= 1
+            self._seq = previous
             raise
         entry = {"kind": "intervention", "seq": self._seq, "command": command.command,
                  "args": command.model_dump(exclude={"command"}), "step": step, "branch": branch,
@@ -295,7 +300,7 @@ class Trainer:
         self._emit({"type": "status", "status": self.status, "step": self.t})
 
     def _cmd_evaluate(self, cmd):
-        return self._evaluate()
+        return self.evaluate()
 
     def _cmd_save_checkpoint(self, cmd):
         ckpt_id = cmd.name or f"ckpt-{len(self.checkpoints) + 1}"
@@ -410,7 +415,8 @@ class Trainer:
         return suggest_lr(self.problem, self.state, self.frozen, self.data_weights, self.t, cmd.window)
 
     # ------------------------------------------------------------------ steps
-    def _evaluate(self) -> dict:
+    def evaluate(self) -> dict:
+        """Validation loss and accuracy of the current state (also recorded as the latest evaluation)."""
         loss, acc = steps_lib.evaluate(self.problem, self.state["params"])
         result = {"step": self.t, "branch": self.branch, "val_loss": float(loss), "val_accuracy": float(acc)}
         self.last_eval = result
@@ -444,7 +450,7 @@ class Trainer:
             self.metrics.append(record)
             self._emit({"type": "metrics", **record})
             if self.eval_every and self.t % self.eval_every == 0:
-                self._evaluate()
+                self.evaluate()
             if self.t >= self.num_steps:
                 self.status = "finished"
                 self._emit({"type": "status", "status": "finished", "step": self.t})
@@ -453,7 +459,7 @@ class Trainer:
     def _loop(self) -> None:
         try:
             while True:
-                self._drain()
+                self.apply_pending_commands()
                 with self._lock:
                     if self.stopped:
                         break

@@ -320,7 +320,7 @@ def _unit_products(a, b):
     return jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST)
 
 
-def _unary_start(spec: PermutationSpec, g1, g2) -> dict:
+def _unary_start(spec: PermutationSpec, g1, g2, assignment=linear_sum_assignment) -> dict:
     """Each permutation matched on the parameters no other permutation touches (biases, the first layer's
     kernel, the output layer's kernel): a start for the coordinate ascent that does not depend on the others."""
     touched = {}
@@ -331,7 +331,7 @@ def _unary_start(spec: PermutationSpec, g1, g2) -> dict:
     for name, size, axes in spec.perms:
         own = tuple((path, axis) for path, axis in axes if touched[path] == {name})
         if own:
-            _, cols = linear_sum_assignment(cost_matrix(spec, name, None, g1, g2, own), maximize=True)
+            _, cols = assignment(cost_matrix(spec, name, None, g1, g2, own), maximize=True)
             perms[name] = cols.astype(np.int32)
         else:
             perms[name] = np.arange(size, dtype=np.int32)
@@ -345,8 +345,11 @@ def _objective(spec, perms, g1, g2) -> float:
                      for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1p))))
 
 
-def coordinate_ascent(spec, perms, g1, g2, rng, max_iter, order=None):
+def coordinate_ascent(spec, perms, g1, g2, rng, max_iter, order=None, assignment=linear_sum_assignment):
     """Alternating linear assignments from ``perms`` until a pass changes nothing (modifies a copy).
+
+    ``assignment(cost, maximize=True) -> (rows, cols)`` solves one linear assignment
+    (default: scipy's ``linear_sum_assignment``; pass a wrapper to count or time them).
 
     A permutation already solved against the current values of all the others
     is skipped: its cost matrix is the same, so the assignment would keep it
@@ -368,7 +371,7 @@ def coordinate_ascent(spec, perms, g1, g2, rng, max_iter, order=None):
             if solved_against.get(name) == others(name):
                 continue
             cost = cost_matrix(spec, name, perms, g1, g2)
-            rows, cols = linear_sum_assignment(cost, maximize=True)
+            rows, cols = assignment(cost, maximize=True)
             old = cost[np.arange(len(cols)), perms[name]].sum()
             new = cost[rows, cols].sum()
             if new > old + 1e-9 * max(abs(old), 1e-30):
@@ -390,7 +393,8 @@ def _unit_norm_per_point(tree):
 
 
 def match_gradients(spec: PermutationSpec, g1, g2, *, init: dict | None = None, max_iter: int = 100,
-                    seed: int = 0, restarts: int = 2, normalize: bool = False) -> tuple[dict, float]:
+                    seed: int = 0, restarts: int = 2, normalize: bool = False,
+                    assignment: Callable = linear_sum_assignment) -> tuple[dict, float]:
     """``argmax_pi sum_i <g2_i, pi g1_i>`` by alternating linear assignments over the permutations.
 
     ``g1``, ``g2``: gradient pytrees stacked over trajectory points (leading axis).
@@ -406,7 +410,8 @@ def match_gradients(spec: PermutationSpec, g1, g2, *, init: dict | None = None, 
     ``restarts - 1`` random orders each. With ``normalize`` every parameter
     tensor of every point is scaled to unit norm first, so each (point,
     tensor) pair weighs the same (the ``normalized_matching`` option of the
-    paper's released code; permutations do not change the norms). Returns
+    paper's released code; permutations do not change the norms).
+    ``assignment``: the linear-assignment solver (:func:`coordinate_ascent`). Returns
     ``(perms, objective)``. This is the inner problem of GMT/FGMT (Chijiwa,
     ICLR 2024).
     """
@@ -414,14 +419,14 @@ def match_gradients(spec: PermutationSpec, g1, g2, *, init: dict | None = None, 
     if normalize:
         g1, g2 = _unit_norm_per_point(g1), _unit_norm_per_point(g2)
     rng = np.random.default_rng(seed)
-    starts = [_unary_start(spec, g1, g2), {k: np.asarray(v) for k, v in identity_permutation(spec).items()}]
+    starts = [_unary_start(spec, g1, g2, assignment), {k: np.asarray(v) for k, v in identity_permutation(spec).items()}]
     if init is not None:
         starts.insert(0, {k: np.asarray(v) for k, v in init.items()})
     best, best_obj = None, -np.inf
     for start in starts:
         for r in range(max(int(restarts), 1)):
             order = np.arange(len(spec.names)) if r == 0 else None
-            perms = coordinate_ascent(spec, start, g1, g2, rng, max_iter, order)
+            perms = coordinate_ascent(spec, start, g1, g2, rng, max_iter, order, assignment)
             obj = _objective(spec, perms, g1, g2)
             if best is None or obj > best_obj + 1e-12 * abs(best_obj):
                 best, best_obj = perms, obj
@@ -509,7 +514,7 @@ def _finite_gradient(grad, point: int, which: str, what: str | None = None):
 
 
 def _run_matching(spec, source: Trajectory, target_start, grad_fn, *, recompute: bool, max_iter, seed, progress, desc,
-                  normalize=False):
+                  normalize=False, assignment=linear_sum_assignment):
     T = len(source) - 1
     _check_like_source(source.initial, target_start)
     spec.validate(target_start)
@@ -535,7 +540,7 @@ def _run_matching(spec, source: Trajectory, target_start, grad_fn, *, recompute:
         # zero-padded slots add nothing to the matching objective
         padded = min(T, -(-s // PAD_MULTIPLE) * PAD_MULTIPLE)
         perms, obj = match_gradients(spec, _stack(source_grads, padded), _stack(target_grads, padded), init=perms,
-                                     max_iter=max_iter, seed=seed + s, normalize=normalize)
+                                     max_iter=max_iter, seed=seed + s, normalize=normalize, assignment=assignment)
         history.append(obj)
         trajectory.append(_transfer(spec, perms, theta1_0, source.at(s), target_start))
     final = trajectory[-1]
@@ -543,7 +548,8 @@ def _run_matching(spec, source: Trajectory, target_start, grad_fn, *, recompute:
 
 
 def gmt(spec: PermutationSpec, source: Trajectory, target_start, grad_fn: Callable, *, max_iter: int = 100,
-        seed: int = 0, progress: bool = False, normalize: bool = False) -> TransferResult:
+        seed: int = 0, progress: bool = False, normalize: bool = False,
+        assignment: Callable = linear_sum_assignment) -> TransferResult:
     """Gradient matching along the trajectory (Chijiwa, ICLR 2024).
 
     For ``s = 1..T``: recompute ``theta2_{t_i} = theta2_0 + pi_{s-1}(theta1_{t_i} - theta1_0)``
@@ -557,9 +563,10 @@ def gmt(spec: PermutationSpec, source: Trajectory, target_start, grad_fn: Callab
       target_start: the new initialization ``theta2_0``.
       grad_fn: ``grad_fn(params, i)``, the loss gradient at trajectory point ``i``
         (use the same minibatch for source and target, e.g. :func:`problem_gradient`).
+      assignment: the linear-assignment solver (:func:`coordinate_ascent`; default scipy's).
     """
     return _run_matching(spec, source, target_start, grad_fn, recompute=True, max_iter=max_iter, seed=seed,
-                         progress=progress, desc="GMT", normalize=normalize)
+                         progress=progress, desc="GMT", normalize=normalize, assignment=assignment)
 
 
 FGMT_PATHS = ("linear", "recorded")
@@ -567,7 +574,7 @@ FGMT_PATHS = ("linear", "recorded")
 
 def fgmt(spec: PermutationSpec, source: Trajectory, target_start, grad_fn: Callable, *, num_points: int | None = None,
          path: str = "linear", max_iter: int = 100, seed: int = 0, progress: bool = False,
-         normalize: bool = False) -> TransferResult:
+         normalize: bool = False, assignment: Callable = linear_sum_assignment) -> TransferResult:
     """Fast GMT (Chijiwa, ICLR 2024): gradient matching with cached target gradients, ``2 T`` evaluations.
 
     Each target gradient is computed once, at the point the transferred
@@ -601,7 +608,7 @@ def fgmt(spec: PermutationSpec, source: Trajectory, target_start, grad_fn: Calla
     else:
         raise ValueError(f"path must be one of {FGMT_PATHS}, got {path!r}.")
     return _run_matching(spec, matched, target_start, grad_fn, recompute=False, max_iter=max_iter, seed=seed,
-                         progress=progress, desc="FGMT", normalize=normalize)
+                         progress=progress, desc="FGMT", normalize=normalize, assignment=assignment)
 
 
 def oracle(spec: PermutationSpec, source: Trajectory, target: Trajectory, grad_fn: Callable | None = None, *,
