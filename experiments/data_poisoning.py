@@ -1,6 +1,6 @@
 """Indiscriminate data poisoning by MGD on MNIST-1D: a 2.5% robustness audit.
 
-    python experiments/data_poisoning.py [--quick] [--out experiments/results/data_poisoning]
+    python experiments/data_poisoning.py [--quick | --smoke] [--out experiments/results/data_poisoning]
 
 MGD perturbs 2.5% of the training inputs (L-inf radius eps, kept in the data's
 range) to maximize validation loss. The inputs are by default those with the
@@ -41,6 +41,8 @@ from metagrad.mgd import checkpoint_folder, run_settings
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest sizes that run every stage (a pipeline check for tests; no goal is judged)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "data_poisoning"))
     parser.add_argument("--eps", type=float, default=2.0)
     parser.add_argument("--meta-steps", type=int, default=None, help="default: 60 (cnn), 120 (mlp)")
@@ -57,12 +59,16 @@ def main():
     parser.add_argument("--lr", type=float, default=0.03, help="audited setup's LR (SGD, momentum 0.9)")
     parser.add_argument("--choose", choices=("random", "influence"), default="influence",
                         help="poisoned inputs: a random 2.5%% or those with the largest metagradient (seeds 20000-20003)")
-    parser.add_argument("--eval-seeds", type=int, default=10, help="fresh retraining seeds 100, 101, ... (--quick: 3)")
+    parser.add_argument("--eval-seeds", type=int, default=10,
+                        help="fresh retraining seeds 100, 101, ... (--quick: 3, --smoke: 2)")
     parser.add_argument("--poison", help="re-score this saved poison_delta.npy instead of running the attack")
     parser.add_argument("--fresh", action="store_true", help="discard the attack checkpoints in --out/mgd_checkpoints")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    if args.quick:
+    if args.smoke:
+        num_steps, hidden, meta_steps, attack_seeds, seeds_per_step = 20, (8,), 1, 1, 1
+        refine_steps = 1 if args.refine_steps is None else args.refine_steps
+    elif args.quick:
         num_steps, hidden, meta_steps, attack_seeds, seeds_per_step = 100, (32,), 5, 2, 2
         refine_steps = 2 if args.refine_steps is None else args.refine_steps
     else:
@@ -75,13 +81,14 @@ def main():
                                                                                           refine_steps))
     checkpoint_dir = None if args.poison else checkpoint_folder(args.out, fresh=args.fresh, settings=settings)
     if args.model == "cnn":
-        channels = (4,) if args.quick else (8, 8)
+        channels = (2,) if args.smoke else (4,) if args.quick else (8, 8)
         model, model_desc = mg.CNN1D(channels=channels), f"CNN1D{channels} avg pooling"
     else:
         model, model_desc = mg.MLP(hidden=hidden), f"MLP{hidden}"
-    base = mg.TrainingProblem(model, optax.sgd(args.lr, momentum=0.9), mg.mnist1d(),
+    data = mg.mnist1d(num_samples=1000, num_val=200) if args.smoke else mg.mnist1d()  # smoke: 600 training examples
+    base = mg.TrainingProblem(model, optax.sgd(args.lr, momentum=0.9), data,
                               num_steps=num_steps, batch_size=args.batch_size, lr_schedule=None)
-    eval_seeds = tuple(range(100, 100 + (3 if args.quick else args.eval_seeds)))
+    eval_seeds = tuple(range(100, 100 + (2 if args.smoke else 3 if args.quick else args.eval_seeds)))
     saved_delta, saved_indices = poisoning.load_poison(args.poison) if args.poison else (None, None)
     report = poisoning.audit(base, fraction=0.025, eps=args.eps, meta_steps=meta_steps,
                              attack_seeds=tuple(range(attack_seeds)), seeds_per_step=seeds_per_step or None,
@@ -93,12 +100,14 @@ def main():
         report["poison_source"] = os.path.abspath(args.poison)
     drop = report["drop_points"]["MGD poison"]
     report["goal_met"] = bool(drop >= 10 and report["ratio_to_best_baseline"] >= 3)
+    report["smoke"] = args.smoke
     report["model"] = (f"{model_desc}, SGD momentum 0.9, LR {args.lr}, batch {args.batch_size}, "
                        f"{num_steps} steps")
     poisoning.write_audit_report(report, args.out)
     print(poisoning.audit_table(report))
     print(f"MGD drop {drop:.1f} points, {report['ratio_to_best_baseline']:.2f}x the best baseline; "
-          f"goal (>= 10 points and >= 3x): {'met' if report['goal_met'] else 'NOT met'}")
+          f"goal (>= 10 points and >= 3x): {'met' if report['goal_met'] else 'NOT met'}"
+          + (" (smoke run: sizes too small for the goal to mean anything)" if args.smoke else ""))
     print(f"wrote {args.out}/report.json and poisoning.png")
 
 

@@ -19,6 +19,7 @@ weight trajectories (PNG) and DGA's wall-time overhead over uniform mixing.
 
     python experiments/dga_mixing.py            # full size (a few minutes on 2 CPU cores)
     python experiments/dga_mixing.py --quick    # reduced size (writes result_quick.json, dga_mixing_quick.png)
+    python experiments/dga_mixing.py --smoke    # smallest sizes, a pipeline check (result_smoke.json, ..._smoke.png)
     python experiments/dga_mixing.py --select   # DGA's step size / update interval by target *validation* loss
 """
 
@@ -79,6 +80,9 @@ class Config:
 
 
 QUICK = Config(num_steps=1500, hidden=(64, 64), seeds=(0, 1, 2), timing_repeats=3)
+# every method and stage at the smallest sizes (a pipeline check for tests; the goals mean nothing there)
+SMOKE = Config(num_steps=40, hidden=(8,), domain_size=100, seeds=(0,), update_every=10, domain_batch_size=16,
+               timing_repeats=1)
 
 
 def _generate(settings, classes, n, seed):
@@ -264,15 +268,17 @@ def select(cfg: Config, seeds=(0, 1), progress: bool = True) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced size")
+    parser.add_argument("--smoke", action="store_true", help="the smallest sizes that run every stage (tests)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "dga_mixing"))
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--select", action="store_true",
                         help="only sweep DGA's step size and update interval on the target validation loss")
     args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else Config()
+    cfg = SMOKE if args.smoke else QUICK if args.quick else Config()
+    suffix = "_smoke" if args.smoke else "_quick" if args.quick else ""  # never overwrites the full-size results
     if args.select:
         sel = select(cfg, progress=not args.no_progress)
-        path = os.path.join(args.out, f"selection{'_quick' if args.quick else ''}.json")
+        path = os.path.join(args.out, f"selection{suffix}.json")
         write_json(path, sel)
         print(format_table(["method", "step size", "update every", "val loss (seeds 0, 1)"],
                            [[r["method"], r["step_size"], r["update_every"], r["val_loss"]] for r in sel["rows"]]))
@@ -281,7 +287,9 @@ def main(argv=None):
     start = time.time()
     result = run(cfg, progress=not args.no_progress)
     result["wall_seconds"] = time.time() - start
-    result["command"] = "python experiments/dga_mixing.py" + (" --quick" if args.quick else "")
+    size_flag = {"_smoke": " --smoke", "_quick": " --quick"}.get(suffix, "")
+    result["command"] = "python experiments/dga_mixing.py" + size_flag
+    result["smoke"] = args.smoke
     result["machine"] = {"platform": platform.platform(), "jax": jax.__version__,
                          "devices": [str(d) for d in jax.devices()], "cpus": os.cpu_count()}
     s = result["summary"]
@@ -290,13 +298,13 @@ def main(argv=None):
     result["goals"] = {"dga_ema_lowest_loss_vs_uniform_target_only_importance": bool(goal_loss),
                        "overhead_at_most_15_percent": bool(result["timing"]["overhead_vs_uniform"]["dga_ema"] <= 0.15)}
     os.makedirs(args.out, exist_ok=True)
-    suffix = "_quick" if args.quick else ""  # a quick run never overwrites the full-size results
     json_path = os.path.join(args.out, f"result{suffix}.json")
     png_path = os.path.join(args.out, f"dga_mixing{suffix}.png")
     write_json(json_path, result)
     plot(result, png_path)
     print(table(result))
-    print(f"goals: {result['goals']}")
+    print(f"goals: {result['goals']}" + (" (smoke run: sizes too small for the goals to mean anything)"
+                                         if args.smoke else ""))
     print(f"wrote {json_path} and {png_path} ({result['wall_seconds']:.0f} s)")
     return result
 

@@ -1,7 +1,7 @@
 """HyperFlow vs fine-tuning on few-shot MNIST-1D tasks (5-way 5-shot).
 
-    python experiments/hyperflow.py [--quick] [--fresh] [--bias-backbone {mlp,conv}] [--conv-meta {reduced,full}]
-                                    [--out FOLDER]
+    python experiments/hyperflow.py [--quick | --smoke] [--fresh] [--bias-backbone {mlp,conv}]
+                                    [--conv-meta {reduced,full}] [--out FOLDER]
 
 Kim, Kim & Hong, arXiv 2504.15323. An MLP backbone is pretrained on MNIST-1D
 classes 0-4; the drift network is meta-trained on 5-way tasks over held-out
@@ -51,7 +51,6 @@ source resumes after it (``--fresh`` starts over).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import os
@@ -66,7 +65,7 @@ import metagrad as mg
 from metagrad import hyperflow as hf
 from metagrad.hyperflow import bias as hb
 from metagrad.progress import progress_bar
-from metagrad.report import FinishedParts, LoopProgress, format_table, pyplot, tree_from_json, tree_to_json, write_json
+from metagrad.report import FinishedParts, LoopProgress, format_table, pyplot, write_json
 
 WAYS, SHOTS, QUERIES = 5, 5, 15
 # bias mode: GD fine-tuning (steps, head LR, bias LR) grid, tuned on the tuning episodes
@@ -76,6 +75,11 @@ BIAS_META_ITERS = 3000
 # below 3 on this backbone)
 CONV_BIAS_SETTINGS = tuple((s, lh, lb) for s in (30, 100) for lh in (1.0, 3.0) for lb in (1.0, 3.0, 10.0))
 BASE, NOVEL = tuple(range(5)), tuple(range(5, 10))
+
+
+def chunk_of(cfg):
+    """Meta-training iterations per compiled chunk (one loss-history entry each): 100 unless the config sets it."""
+    return cfg.get("meta_chunk", 100)
 
 
 def best_setting(scores, candidates, steps_of):
@@ -89,81 +93,28 @@ def ci95(values):
     return float(values.mean()), float(half)
 
 
-def episode_accuracy(backbone, hidden, adapt_fn, tasks):
-    """Query accuracy per episode of ``adapt_fn(sx, sy) -> head`` or ``-> {"backbone", "head"}`` (vmapped)."""
-    out = jax.jit(jax.vmap(adapt_fn))(tasks["support_x"], tasks["support_y"])
+_VMAPPED = {}
+
+
+def vmapped_adaptation(fn, *bound):
+    """``jax.jit(jax.vmap(functools.partial(fn, *bound)))``, built once per method and bound arguments, so scoring one
+    method on several sets of episodes of one shape (the test sources) compiles it once."""
+    key = (fn, tuple(id(b) for b in bound))
+    if key not in _VMAPPED:  # ``bound`` is kept with it, so its ids stay those of live objects
+        _VMAPPED[key] = (jax.jit(jax.vmap(functools.partial(fn, *bound))), bound)
+    return _VMAPPED[key][0]
+
+
+def episode_accuracy(backbone, hidden, vmapped_fn, tasks):
+    """Query accuracy per episode of ``vmapped_fn(sx, sy) -> head`` or ``-> {"backbone", "head"}`` (an adaptation
+    vmapped over the episodes, e.g. by :func:`vmapped_adaptation`)."""
+    out = vmapped_fn(tasks["support_x"], tasks["support_y"])
     if isinstance(out, dict) and "backbone" in out:
         feats = jax.vmap(lambda b, x: hf.features(b, x, hidden))(out["backbone"], tasks["query_x"])
         out = out["head"]
     else:
         feats = jax.vmap(lambda x: hf.features(backbone, x, hidden))(tasks["query_x"])
     return np.asarray(jax.vmap(hf.accuracy)(out, feats, tasks["query_y"]))
-
-
-def compiled_cost(fn, calls):
-    """Wall time of jitted ``fn`` over the argument tuples ``calls`` (compiled and warmed up on the first) and XLA's
-    memory analysis of that program.
-
-    Memory: ``temp + output`` bytes is what the call allocates beyond its
-    inputs (activations, gradients, intermediate parameters); ``argument`` bytes
-    are its inputs.
-    """
-    jitted = jax.jit(fn)
-    mem = jitted.lower(*calls[0]).compile().memory_analysis()
-    tic = time.perf_counter()
-    jax.block_until_ready(jitted(*calls[0]))
-    first_call = time.perf_counter() - tic
-    times = []
-    for call in calls:
-        call = jax.device_put(call)
-        tic = time.perf_counter()
-        jax.block_until_ready(jitted(*call))
-        times.append(time.perf_counter() - tic)
-    return {"seconds_median": float(np.median(times)), "seconds_mean": float(np.mean(times)),
-            "first_call_seconds": first_call, "alloc_bytes": int(mem.temp_size_in_bytes + mem.output_size_in_bytes),
-            "argument_bytes": int(mem.argument_size_in_bytes),
-            "peak_bytes": int(mem.temp_size_in_bytes + mem.output_size_in_bytes + mem.argument_size_in_bytes)}
-
-
-def cost_per_episode(fn, args, tasks, num_timed):
-    """:func:`compiled_cost` of one single-episode call ``fn(*args, support_x, support_y)``, timed over
-    ``num_timed`` episodes of ``tasks`` (argument bytes: backbone, drift network, support set)."""
-    sx, sy = tasks["support_x"], tasks["support_y"]
-    return compiled_cost(fn, [(*args, sx[i % len(sx)], sy[i % len(sy)]) for i in range(num_timed)])
-
-
-@contextlib.contextmanager
-def backbone_convolution(impl):
-    """Trace 1-D CNN backbones with ``impl`` as their convolution (:func:`hb.forward` reads ``hb.conv_same`` when
-    it is traced). JAX's caches are cleared on entry and exit, or a function traced under one convolution (the
-    jitted ``hb.adapt``) would be reused under the other."""
-    saved = hb.conv_same
-    hb.conv_same = impl
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        hb.conv_same = saved
-        jax.clear_caches()
-
-
-# A 1-D CNN's convolution, two ways (the same function): on a CPU the shifted products are 5-8x faster for
-# gradient descent, XLA's convolution keeps 2.5-3x less memory (experiments/benchmarks/conv1d_impl.py).
-CONVOLUTIONS = {"shifted products": hb.conv_same, "XLA convolution": hb.conv_same_xla}
-
-
-def best_cost(fn, args, tasks, num_timed, convolutions):
-    """:func:`cost_per_episode` under each of ``convolutions`` (name -> implementation; None: as the backbone is),
-    each figure the best of them (so every method is timed at its fastest and its memory is its leanest), with the
-    figures of each under ``"by_convolution"``."""
-    if not convolutions:
-        return cost_per_episode(fn, args, tasks, num_timed)
-    per = {}
-    for name, impl in convolutions.items():
-        with backbone_convolution(impl):
-            per[name] = cost_per_episode(fn, args, tasks, num_timed)
-    best = {k: min(c[k] for c in per.values()) for k in next(iter(per.values()))}
-    return {**best, "by_convolution": per}
 
 
 def compare_methods(methods, acc, backbone, test, num_timed, *, desc, progress, convolutions=None):
@@ -174,10 +125,11 @@ def compare_methods(methods, acc, backbone, test, num_timed, *, desc, progress, 
     ``acc(fn, tasks, *extra)`` gives per-episode accuracies. Returns
     ``(accs, costs, rows)``: accuracies per source and method, the cost per
     episode of each method and the table's rows (:func:`cost_ratios` compares
-    the costs). ``convolutions``: see :func:`best_cost`.
+    the costs). ``convolutions``: see :func:`metagrad.hyperflow.best_cost` (each adaptation function then takes
+    a ``convolution`` keyword).
     """
     names = list(methods)
-    costs = {name: best_cost(fn, (*extra, backbone), test[next(iter(test))], num_timed, convolutions)
+    costs = {name: hf.best_cost(fn, (*extra, backbone), test[next(iter(test))], num_timed, convolutions)
              for name, (fn, extra) in progress_bar(methods.items(), desc=desc, disable=not progress)}
     accs, rows = {}, []
     for source, tasks in test.items():
@@ -210,21 +162,31 @@ def gains(accs, names, finetune_key):
     }
 
 
-def save_drift(phi, dcfg, record, meta_training) -> dict:
-    """A meta-trained bias-mode drift as JSON: its parameters' leaves (float32 values are exact in JSON), the
-    fields :func:`hb.meta_train` set on the config, and its meta-training record (``record`` from
-    :func:`meta_train_bias_drift`, merged into ``meta_training``, with the total seconds)."""
+def drift_tree_name(key):
+    """The name of the store's tree that holds the parameters of the drift saved under ``key``."""
+    return key.replace("/", "-")
+
+
+def save_drift(finished, key, phi, dcfg, record, meta_training) -> None:
+    """Save a meta-trained bias-mode drift in the run's store: its parameters as a tree
+    (:meth:`metagrad.store.RunStore.save_tree`, exact), and under ``key`` the fields :func:`hb.meta_train` set on
+    the config with its meta-training record (``record`` from :func:`meta_train_bias_drift`, merged into
+    ``meta_training``, with the total seconds)."""
     meta_training = {"seconds": meta_training["simulation_seconds"] + record["fit_seconds"], **meta_training,
                      **{k: v for k, v in record.items() if k != "fit_seconds"}}
-    return {"leaves": tree_to_json(phi),
-            "velocity_scale": dcfg.head.velocity_scale, "bias_scales": list(dcfg.bias_scales),
-            "head_scales": [list(kv) for kv in dcfg.head_scales], "meta_training": meta_training}
+    finished.save_tree(drift_tree_name(key), 0, phi)
+    finished.put(key, {"velocity_scale": dcfg.head.velocity_scale, "bias_scales": list(dcfg.bias_scales),
+                       "head_scales": [list(kv) for kv in dcfg.head_scales], "meta_training": meta_training})
 
 
-def load_drift(saved, dcfg0, layers):
+def load_drift(finished, key, dcfg0, layers):
     """The inverse of :func:`save_drift` for a drift built from ``dcfg0`` for a ``layers``-layer backbone."""
-    phi = jax.tree.map(jnp.asarray, tree_from_json(saved["leaves"], hb.init_drift(jax.random.key(0), dcfg0, layers),
-                                                   "a saved drift"))
+    saved = finished.get(key)
+    restored = finished.restore_tree(drift_tree_name(key), hb.init_drift(jax.random.key(0), dcfg0, layers))
+    if restored is None:
+        raise SystemExit(f"the drift saved under {key!r} in {finished.path} has lost its parameters: rerun with "
+                         "--fresh")
+    phi = restored[1]
     dcfg = dataclasses.replace(dcfg0, head=dataclasses.replace(dcfg0.head, velocity_scale=saved["velocity_scale"]),
                                bias_scales=tuple(saved["bias_scales"]),
                                head_scales=tuple((k, v) for k, v in saved["head_scales"]))
@@ -232,8 +194,9 @@ def load_drift(saved, dcfg0, layers):
 
 
 def drift_progress_keys(key):
-    """Where the two meta-training loops of the drift saved under ``key`` keep their progress until it is saved."""
-    return {stage: f"{key}/{stage}_progress" for stage in ("regression", "refinement")}
+    """Where the two meta-training loops of the drift saved under ``key`` keep their progress until it is saved
+    (tree names of the store, which cannot hold a '/')."""
+    return {stage: drift_tree_name(f"{key}/{stage}_progress") for stage in ("regression", "refinement")}
 
 
 def meta_train_bias_drift(cfg, traj, backbone, dcfg0, query_x, progress, finished, key):
@@ -243,12 +206,13 @@ def meta_train_bias_drift(cfg, traj, backbone, dcfg0, query_x, progress, finishe
     tic = time.perf_counter()
     stages = {stage: LoopProgress(finished, progress_key) for stage, progress_key in drift_progress_keys(key).items()}
     phi, dcfg, history = hb.meta_train(traj, backbone, dcfg0, num_iters=cfg["bias_meta_iters"], batch_tasks=32,
-                                       learning_rate=3e-3, progress=progress, checkpoint=stages["regression"])
+                                       learning_rate=3e-3, chunk=chunk_of(cfg), progress=progress,
+                                       checkpoint=stages["regression"])
     regressed_fit = hb.per_leaf_fit(phi, dcfg, traj, backbone)
     phi, rollout_history = hb.refine_on_rollouts(phi, dcfg, traj, backbone, jnp.asarray(query_x),
                                                  num_euler=cfg["bias_rollout_euler"],
-                                                 num_iters=cfg["bias_rollout_iters"], progress=progress,
-                                                 checkpoint=stages["refinement"])
+                                                 num_iters=cfg["bias_rollout_iters"], chunk=chunk_of(cfg),
+                                                 progress=progress, checkpoint=stages["refinement"])
     jax.block_until_ready(phi)
     seconds = time.perf_counter() - tic + sum(st.earlier_seconds for st in stages.values())
     return phi, dcfg, {
@@ -288,23 +252,28 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
     backbone_features = hb.backbone_features if conv else functools.partial(hf.features, hidden=hidden)
 
     def acc(fn, tasks, *extra):
-        th = jax.jit(jax.vmap(functools.partial(fn, *extra, backbone)))(tasks["support_x"], tasks["support_y"])
+        th = vmapped_adaptation(fn, *extra, backbone)(tasks["support_x"], tasks["support_y"])
         if "biases" not in th:  # full fine-tuning returns {"backbone", "head"}
             return np.asarray(jax.vmap(lambda b, h, x, y: hf.accuracy(h, backbone_features(b, x), y))(
                 th["backbone"], th["head"], tasks["query_x"], tasks["query_y"]))
         return np.asarray(jax.vmap(lambda t, x, y: hb.accuracy(t, backbone, x, y))(
             th, tasks["query_x"], tasks["query_y"]))
 
-    def proto_fn(bb, sx, sy):
-        return hb.init_theta(bb, sx, jax.nn.one_hot(sy, WAYS), scale)
+    # Each adaptation takes the CNN's convolution by name (hb.CONVOLUTIONS: the same function, timed both ways).
+    def proto_fn(bb, sx, sy, convolution=hb.DEFAULT_CONVOLUTION):
+        return hb.init_theta(bb, sx, jax.nn.one_hot(sy, WAYS), scale, convolution)
 
     def ft_fn(steps, lr_head, lr_bias):
-        return lambda bb, sx, sy: hb.finetune(bb, sx, sy, lr_bias=lr_bias, lr_head=lr_head, num_steps=steps,
-                                              ways=WAYS, scale=scale)
+        return lambda bb, sx, sy, convolution=hb.DEFAULT_CONVOLUTION: hb.finetune(
+            bb, sx, sy, lr_bias=lr_bias, lr_head=lr_head, num_steps=steps, ways=WAYS, scale=scale,
+            convolution=convolution)
 
     def full_fn(lr, steps):
-        return lambda bb, sx, sy: hf.finetune_full(bb, sx, sy, lr=lr, num_steps=steps, ways=WAYS, scale=scale,
-                                                   features_fn=backbone_features)
+        def features_fn(convolution):
+            return functools.partial(hb.backbone_features, convolution=convolution) if conv else backbone_features
+
+        return lambda bb, sx, sy, convolution=hb.DEFAULT_CONVOLUTION: hf.finetune_full(
+            bb, sx, sy, lr=lr, num_steps=steps, ways=WAYS, scale=scale, features_fn=features_fn(convolution))
 
     grid = {}
     for setting in progress_bar(cfg["bias_settings"], desc="[bias mode] tuning fine-tuning", disable=not progress):
@@ -341,20 +310,21 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
         if finished.get(key) is None:
             phi, dcfg, record = meta_train_bias_drift(cfg, trajectories()[0], backbone, dcfg0, mt["query_x"],
                                                       progress, finished, key)
-            finished.put(key, save_drift(phi, dcfg, record, {
+            save_drift(finished, key, phi, dcfg, record, {
                 "simulation_seconds": trajectories()[1], "tasks": len(mt["support_x"]), "starts": cfg["bias_starts"],
                 "knots": 10, "iterations": cfg["bias_meta_iters"], "interpolations": ("linear",),
-                "emulated_run": {"steps": steps, "lr_head": lr_head, "lr_bias": lr_bias}}))
+                "emulated_run": {"steps": steps, "lr_head": lr_head, "lr_bias": lr_bias}})
             for progress_key in drift_progress_keys(key).values():  # the drift is saved: no need for its progress
                 finished.drop(progress_key)
         else:
             print(f"[bias mode] {support}-support drift read from {finished.path} (meta-trained by an earlier run)")
-        # From here on the drift is the saved one, in a fresh run too (its float32 values survive JSON exactly).
-        phi, dcfg, out["meta_training"][support] = load_drift(finished.get(key), dcfg0, hb.num_layers(backbone))
+        # From here on the drift is the saved one (restored exactly), in a fresh run too.
+        phi, dcfg, out["meta_training"][support] = load_drift(finished, key, dcfg0, hb.num_layers(backbone))
         drifts[support] = (phi, dcfg)
 
         def hf_fn(n, dcfg=dcfg):
-            return lambda p, bb, sx, sy: hb.adapt(p, bb, sx, sy, config=dcfg, num_steps=n)
+            return lambda p, bb, sx, sy, convolution=hb.DEFAULT_CONVOLUTION: hb.adapt(
+                p, bb, sx, sy, config=dataclasses.replace(dcfg, convolution=convolution), num_steps=n)
 
         hf_grid = {n: float(acc(hf_fn(n), tuning, phi).mean())
                    for n in sorted(set(cfg["bias_euler_steps"]) | {cfg["bias_rollout_euler"]})}
@@ -376,7 +346,7 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
     names = list(methods)
     accs_all, costs, rows = compare_methods(methods, acc, backbone, test, cfg["timed"],
                                             desc="[bias mode] timing", progress=progress,
-                                            convolutions=CONVOLUTIONS if conv else None)
+                                            convolutions=tuple(hb.CONVOLUTIONS) if conv else None)
     ratios = {support: cost_ratios(costs, names[1:3], name) for support, name in zip(picks, names[3:])}
     results = {}
     for source, accs in accs_all.items():
@@ -402,7 +372,9 @@ def bias_mode(cfg, data_a, test, tuning, meta_tasks, progress, finished):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a reduced size: a pipeline check (2-3 min)")
+    parser.add_argument("--quick", action="store_true", help="a reduced size (2-3 min)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest sizes that run every stage: a pipeline check for tests (no goal is judged)")
     parser.add_argument("--bias-backbone", choices=("mlp", "conv"), default="mlp",
                         help="the bias mode's backbone: an MLP 40-512-64 (default) or a 1-D CNN of 3 x 32 channels "
                              "(meta-training at a reduced size by default, see --conv-meta)")
@@ -420,7 +392,7 @@ def main():
                         help="discard the drifts an earlier, unfinished run in --out left (it resumes by default)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    quick, progress = args.quick, not args.no_progress
+    quick, smoke, progress = args.quick, args.smoke, not args.no_progress
     conv = args.bias_backbone == "conv"
     folder = ("hyperflow_conv_full" if args.conv_meta == "full" else "hyperflow_conv") if conv else "hyperflow"
     if conv and args.conv_channels != 32:
@@ -446,15 +418,25 @@ def main():
         if conv:
             cfg.update(bias_channels=(8, 8), bias_pretrain_steps=300, bias_settings=((30, 3.0, 1.0), (100, 3.0, 1.0)),
                        bias_meta_tasks=64, bias_meta_iters=100, bias_rollout_iters=50)
-    hidden, scale = (128, 64), 10.0
+    if smoke:  # one candidate per tuning grid, two compiled chunks of 5 iterations per meta-training loop, one-layer
+        # backbones
+        cfg.update(num_samples=2000, pretrain_steps=50, meta_tasks=8, meta_iters=10, meta_chunk=5, episodes=4,
+                   tuning_episodes=4, timed=2, head_lrs=(1.0,), head_steps=(10,), full_lrs=(0.1,),
+                   full_steps=(5,), euler_steps=(2,), bias_hidden=(16,), bias_pretrain_steps=50,
+                   bias_settings=((10, 10.0, 3.0),), bias_meta_tasks=8, bias_meta_iters=10, bias_rollout_euler=2,
+                   bias_rollout_iters=10, bias_euler_steps=(2,))
+        if conv:
+            cfg.update(bias_channels=(4, 4), bias_pretrain_steps=20)
+    hidden, scale = ((16,) if smoke else (128, 64)), 10.0
     # Each meta-trained bias-mode drift (minutes each) is saved under --out at once, so a killed run resumes there.
     try:
-        finished = FinishedParts(os.path.join(args.out, "finished_drifts.json"), {**cfg, "quick": quick},
-                                 fresh=args.fresh)
+        finished = FinishedParts(os.path.join(args.out, "finished_drifts.json"),
+                                 {**cfg, "quick": quick, "smoke": smoke}, fresh=args.fresh)
     except ValueError as err:  # a record left by another run: say what to pass, without a traceback
         parser.error(str(err))
     report = {"config": {**cfg, "hidden": hidden, "scale": scale, "ways": WAYS, "shots": SHOTS, "queries": QUERIES,
-                         "base_classes": BASE, "novel_classes": NOVEL}, "device": str(jax.devices()[0])}
+                         "base_classes": BASE, "novel_classes": NOVEL}, "device": str(jax.devices()[0]),
+              "smoke": smoke}
     t_start = time.perf_counter()
 
     # ---- data and tasks
@@ -489,8 +471,7 @@ def main():
         return lambda bb, sx, sy: hf.finetune_full(bb, sx, sy, lr=lr, num_steps=steps, **common)
 
     def acc_of(fn, tasks, *extra):
-        return episode_accuracy(backbone, hidden, functools.partial(fn, *extra, backbone) if extra else
-                                functools.partial(fn, backbone), tasks)
+        return episode_accuracy(backbone, hidden, vmapped_adaptation(fn, *extra, backbone), tasks)
 
     # ---- tune the baselines on the tuning episodes
     grid = {}
@@ -518,7 +499,7 @@ def main():
         tic = time.perf_counter()
         phi, dcfg, history = hf.meta_train(traj, hf.DriftConfig(ways=WAYS, hidden=64, scale=scale),
                                            num_iters=cfg["meta_iters"], batch_tasks=64, interpolations=kinds,
-                                           progress=progress)
+                                           chunk=chunk_of(cfg), progress=progress)
         jax.block_until_ready(phi)
         seconds = sim_seconds + time.perf_counter() - tic
         drifts[label] = (phi, dcfg)
@@ -599,7 +580,7 @@ def main():
     axes[1].legend()
     for label in variants:
         h = report["meta_training"][label]["loss_history"]
-        axes[2].plot(np.arange(1, len(h) + 1) * 100, h, label=f"interpolations: {label}")
+        axes[2].plot(np.arange(1, len(h) + 1) * chunk_of(cfg), h, label=f"interpolations: {label}")
     axes[2].legend()
     axes[2].set(yscale="log", xlabel="meta-training iteration", ylabel="velocity regression loss",
                 title=f"meta-training h_phi ({meta_seconds:.0f} s each)")
@@ -623,8 +604,8 @@ def main():
     axes[1].legend(fontsize=7)
     for support, m in bias["meta_training"].items():
         h, h2 = m["loss_history"], m["rollout_refinement"]["loss_history"]
-        line, = axes[2].plot(np.arange(1, len(h) + 1) * 100, h, label=f"{support}: velocity regression")
-        axes[2].plot(len(h) * 100 + np.arange(1, len(h2) + 1) * 100, h2, ls="--", color=line.get_color(),
+        line, = axes[2].plot(np.arange(1, len(h) + 1) * chunk_of(cfg), h, label=f"{support}: velocity regression")
+        axes[2].plot((len(h) + np.arange(1, len(h2) + 1)) * chunk_of(cfg), h2, ls="--", color=line.get_color(),
                      label=f"{support}: rollout refinement (KL + params)")
     seconds = ", ".join(f"{m['seconds']:.0f} s" for m in bias["meta_training"].values())
     axes[2].set(yscale="log", xlabel="meta-training iteration", ylabel="loss",
@@ -670,6 +651,8 @@ def main():
               f"per-leaf relative error {bm['per_leaf_relative_error']}")
         for goal, met in bias["goals"][support].items():
             print(f"  bias mode goal ({support} support) {goal}: {met}")
+    if smoke:
+        print("(smoke run: sizes too small for the goals to mean anything)")
     print(f"total {time.perf_counter() - t_start:.0f} s; wrote {args.out}/result.json and hyperflow.png")
 
 

@@ -1,6 +1,6 @@
 """Learning transfer (Chijiwa, ICLR 2024) on MNIST-1D: move a training trajectory onto a new initialization.
 
-    python experiments/learning_transfer.py [--quick | --config momentum] [--grad-batch N] [--fresh]
+    python experiments/learning_transfer.py [--quick | --smoke | --config momentum] [--grad-batch N] [--fresh]
         [--out experiments/results/learning_transfer]
 
 Every finished target seed / base is saved at once under ``--out``
@@ -59,6 +59,10 @@ CONFIG = {
                  "base_seeds": (1, 2, 3)},
     "quick": {**FULL, "hidden": (64, 64), "steps": 300, "points": 8, "grad_batch": 1024, "seeds": (1,), "base_seeds": (1,),
               "pretrain_steps": 300, "finetune_steps": 200, "finetune_points": 8},
+    # every stage at the smallest sizes: a pipeline check for tests (--smoke); the goals mean nothing there
+    "smoke": {**FULL, "hidden": (16, 16), "steps": 40, "points": 4, "grad_batch": 256, "seeds": (1,),
+              "base_seeds": (1,), "pretrain_steps": 40, "finetune_steps": 20, "finetune_points": 4, "eval_every": 10,
+              "num_samples": 1000, "num_val": 200},
 }
 
 # FGMT is the paper's (the straight line between the source's end points); FGMT_recorded matches its cached
@@ -146,9 +150,14 @@ def experiment_same_task(cfg, data, progress, finished):
             "trajectory_steps": points, "per_seed": per_seed}
 
 
-def second_task(seed=1):
+def data_sizes(cfg):
+    """``mg.mnist1d``'s size arguments: the config's ``num_samples``/``num_val`` where it sets them (smoke)."""
+    return {k: cfg[k] for k in ("num_samples", "num_val") if k in cfg}
+
+
+def second_task(seed=1, **sizes):
     """MNIST-1D generated with other settings (more shear and noise) and a fixed relabeling of the classes."""
-    data = mg.mnist1d(seed=seed, shear_scale=1.2, iid_noise_scale=0.05)
+    data = mg.mnist1d(seed=seed, shear_scale=1.2, iid_noise_scale=0.05, **sizes)
     relabel = np.random.default_rng(123).permutation(10).astype(np.int32)
     return mg.Dataset(data.x_train, relabel[data.y_train], data.x_val, relabel[data.y_val], data.x_test,
                       relabel[data.y_test], num_classes=10, name="mnist1d-shifted-relabeled")
@@ -156,7 +165,7 @@ def second_task(seed=1):
 
 def experiment_base_update(cfg, data, progress, finished):
     """Base A (seed 0) fine-tuned on task 2 is the source; each base B (``cfg["base_seeds"]``) receives its trajectory."""
-    task2 = second_task()
+    task2 = second_task(**data_sizes(cfg))
 
     def pretrain(seed):
         pre = make_problem(cfg, data, seed, cfg["pretrain_steps"], cfg["pretrain_lr"], cfg["pretrain_optimizer"])
@@ -204,9 +213,11 @@ def fmt_steps(x, budget):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="reduced sizes (CI); same as --config quick")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes; same as --config quick")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest sizes that run every stage (tests); same as --config smoke")
     parser.add_argument("--config", choices=sorted(CONFIG), default="full",
-                        help="full (default), momentum (momentum SGD at LR 0.1, for comparison) or quick")
+                        help="full (default), momentum (momentum SGD at LR 0.1, for comparison), quick or smoke")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "learning_transfer"))
     parser.add_argument("--grad-batch", type=int, default=None,
                         help="examples per matching gradient (default: the config's; full uses the whole training set)")
@@ -214,8 +225,10 @@ def main():
                         help="discard the seeds an earlier, unfinished run in --out left (it resumes by default)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    if args.quick:
-        args.config = "quick"
+    if args.quick and args.smoke:
+        parser.error("give --quick or --smoke, not both")
+    if args.quick or args.smoke:
+        args.config = "quick" if args.quick else "smoke"
     cfg = CONFIG[args.config]
     if args.grad_batch is not None:
         if args.grad_batch < 1:
@@ -228,10 +241,10 @@ def main():
                                  {**cfg, "config_name": args.config, "starts": list(START_POINTS)}, fresh=args.fresh)
     except ValueError as err:  # a record left by another run: say what to pass, without a traceback
         parser.error(str(err))
-    if finished.parts:
-        print(f"resuming: {len(finished.parts)} seeds finished earlier are read from {finished.path}")
+    if finished.keys():
+        print(f"resuming: {len(finished.keys())} seeds finished earlier are read from {finished.path}")
     tic = time.perf_counter()
-    data = mg.mnist1d()
+    data = mg.mnist1d(**data_sizes(cfg))
     exp1 = experiment_same_task(cfg, data, progress, finished)
     exp2 = experiment_base_update(cfg, data, progress, finished)
     seconds = time.perf_counter() - tic
@@ -251,7 +264,8 @@ def main():
         goals[f"exp2 {name}: steps to target <= half of fine-tuning B (every seed)"] = step_goal(summary2, name, "init")
 
     report = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-              "quick": args.quick, "config_name": args.config, "seconds": seconds, "experiment_1": exp1, "experiment_1_summary": summary1,
+              "quick": args.config == "quick", "smoke": args.config == "smoke", "config_name": args.config,
+              "seconds": seconds, "experiment_1": exp1, "experiment_1_summary": summary1,
               "experiment_2": exp2, "experiment_2_summary": summary2, "goals": goals}
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "result.json"), report)
@@ -270,6 +284,8 @@ def main():
     print(format_table(("start", "acc at 0 steps", "/ source", "steps to source acc (per seed)"), rows))
     for goal, met in goals.items():
         print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    if args.config == "smoke":
+        print("(smoke run: sizes too small for the goals to mean anything)")
     print(f"{seconds:.0f} s; wrote {args.out}/result.json and learning_transfer.png")
 
     # -------------------------------------------------------------------- plot

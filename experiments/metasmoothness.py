@@ -1,6 +1,6 @@
 """How training choices change metasmoothness on MNIST-1D (the diagnostic of arXiv 2503.13751, Sec. 4).
 
-    python experiments/metasmoothness.py [--quick] [--out experiments/results/metasmoothness]
+    python experiments/metasmoothness.py [--quick | --smoke] [--out experiments/results/metasmoothness]
 
 Metaparameters: one weight per training example (all 1). For each training
 setup: the curvature and empirical metasmoothness along 3 random unit directions
@@ -21,6 +21,10 @@ import metagrad as mg
 import replay
 from metagrad.apps import metasmoothness as app
 from metagrad.report import format_table, pyplot, write_json
+
+
+# --smoke: one SGD and one Adam setup
+SMOKE_SETUPS = ("default (MLP, SGD 0.03, batch 128)", "Adam 1e-3, eps_root 0")
 
 
 def setups(hidden, quick):
@@ -48,13 +52,24 @@ def setups(hidden, quick):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"the smallest sizes that run every stage, setups {', '.join(SMOKE_SETUPS)} only "
+                             "(a pipeline check for tests)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "metasmoothness"))
     parser.add_argument("--h", type=float, default=1.0)
     args = parser.parse_args()
-    num_steps, hidden, directions = (300, (64, 64), 3) if not args.quick else (60, (16,), 1)
-    data = mg.mnist1d()
+    if args.smoke:
+        num_steps, hidden, directions = 20, (8,), 1
+    elif args.quick:
+        num_steps, hidden, directions = 60, (16,), 1
+    else:
+        num_steps, hidden, directions = 300, (64, 64), 3
+    chosen = setups(hidden, args.quick or args.smoke)
+    if args.smoke:
+        chosen = {name: chosen[name] for name in SMOKE_SETUPS}
+    data = mg.mnist1d(num_samples=1000, num_val=200) if args.smoke else mg.mnist1d()
     rows, results = [], {}
-    for name, kwargs in setups(hidden, args.quick).items():
+    for name, kwargs in chosen.items():
         problem = mg.TrainingProblem(data=data, num_steps=num_steps, lr_schedule=None,
                                      data_weights=mg.DataWeights(upper=2.0), **kwargs)
         meta = problem.init_meta()
@@ -73,7 +88,7 @@ def main():
     table = format_table(("training setup", "metasmoothness", "curvature", "actual/predicted", "test acc"), rows)
     print(table)
     write_json(os.path.join(args.out, "result.json"), {"num_steps": num_steps, "h": args.h, "directions": directions,
-                                                        "setups": results, "table": table})
+                                                        "setups": results, "table": table, "smoke": args.smoke})
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (name, smooth, _, _, acc) in rows:

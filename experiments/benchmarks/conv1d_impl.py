@@ -1,6 +1,6 @@
 """The 1-D CNN backbone's convolution: shifted matrix products against XLA's convolution, side by side.
 
-    python experiments/benchmarks/conv1d_impl.py [--channels 32 32 32] [--tasks 32] [--repeats 5]
+    python experiments/benchmarks/conv1d_impl.py [--channels 32 32 32] [--tasks 32] [--repeats 5] [--smoke]
 
 :func:`metagrad.hyperflow.bias.conv_same` computes the ``SAME`` convolution of
 the bias-mode CNN backbone as a sum of shifted matrix products;
@@ -16,7 +16,7 @@ length 40, drifts of the experiment's size with random parameters):
 * one episode's adaptation: GD on (biases, head) for 100 steps, the live drift's
   8 Euler steps, full fine-tuning for 100 steps.
 
-Times are medians of ``--repeats`` calls (adaptations: 50); memory is XLA's
+Times are medians of ``--repeats`` calls (adaptations: ``--episode-repeats``, 50); memory is XLA's
 ``memory_analysis`` (temp + output, "alloc"). The table gives XLA / shifted
 ratios (> 1: the shifted products are cheaper).
 """
@@ -24,9 +24,10 @@ ratios (> 1: the shifted products are cheaper).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import platform
-import sys
 
 
 def main():
@@ -34,8 +35,13 @@ def main():
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 32, 32])
     parser.add_argument("--tasks", type=int, default=32, help="tasks per meta-training iteration")
     parser.add_argument("--repeats", type=int, default=5, help="timed meta-training iterations per implementation")
+    parser.add_argument("--episode-repeats", type=int, default=50, help="timed calls per episode adaptation")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest sizes that run every case (tests): --channels 4 --tasks 2, 2 repeats")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "conv1d_impl.json"))
     args = parser.parse_args()
+    if args.smoke:
+        args.channels, args.tasks, args.repeats, args.episode_repeats = [4], 2, 2, 2
 
     import jax
     import jax.numpy as jnp
@@ -45,8 +51,6 @@ def main():
     from metagrad.hyperflow import bias as hb
     from metagrad.report import format_table, write_json
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
-    from hyperflow import CONVOLUTIONS, backbone_convolution, compiled_cost  # the experiment's own switch and cost
 
     ways, shots, queries, layers = 5, 5, 15, len(args.channels)
     model = hb.ConvBackbone(channels=tuple(args.channels), kernel_size=5, num_classes=ways)
@@ -60,45 +64,52 @@ def main():
     qx = jnp.asarray(rng.normal(size=(args.tasks, ways * queries, 40)), jnp.float32)
     sy = jnp.tile(jnp.repeat(jnp.arange(ways), shots), (args.tasks, 1))
 
-    def regression_loss(phi):
+    def regression_loss(phi, convolution):
+        c = dataclasses.replace(config, convolution=convolution)
+
         def one(x, y):
             y1h = jax.nn.one_hot(y, ways)
-            theta0 = hb.init_theta(backbone, x, y1h, 10.0)
-            v = hb.velocity_field(phi, theta0, backbone, x, y1h, config)(theta0, 0.5)
+            theta0 = hb.init_theta(backbone, x, y1h, 10.0, convolution)
+            v = hb.velocity_field(phi, theta0, backbone, x, y1h, c)(theta0, 0.5)
             return sum(jnp.sum(a * a) for a in jax.tree.leaves(v))
         return jnp.mean(jax.vmap(one)(sx, sy))
 
-    def rollout_loss(phi):
+    def rollout_loss(phi, convolution):
+        c = dataclasses.replace(config, convolution=convolution)
+
         def one(x, y, q):
             y1h = jax.nn.one_hot(y, ways)
-            theta0 = hb.init_theta(backbone, x, y1h, 10.0)
-            theta = hf.euler(hb.velocity_field(phi, theta0, backbone, x, y1h, config), theta0, 5, 0.2)
-            return -jnp.mean(hb.log_probs(theta, backbone, q))
+            theta0 = hb.init_theta(backbone, x, y1h, 10.0, convolution)
+            theta = hf.euler(hb.velocity_field(phi, theta0, backbone, x, y1h, c), theta0, 5, 0.2)
+            return -jnp.mean(hb.log_probs(theta, backbone, q, convolution))
         return jnp.mean(jax.vmap(one)(sx, sy, qx))
 
+    # every case is a function of the convolution's name (hb.CONVOLUTIONS), the rest of its arguments traced
     episode = {
-        "GD biases+head, 100 steps": lambda b, x, y: hb.finetune(b, x, y, lr_bias=1.0, lr_head=1.0, num_steps=100,
-                                                                 ways=ways, scale=10.0),
-        "HyperFlow live, 8 Euler steps": lambda b, x, y: hb.adapt(phi, b, x, y, config=config, num_steps=8),
-        "full fine-tuning, 100 steps": lambda b, x, y: hf.finetune_full(b, x, y, lr=0.1, num_steps=100, ways=ways,
-                                                                        scale=10.0, features_fn=hb.backbone_features),
+        "GD biases+head, 100 steps": lambda conv: lambda b, x, y: hb.finetune(
+            b, x, y, lr_bias=1.0, lr_head=1.0, num_steps=100, ways=ways, scale=10.0, convolution=conv),
+        "HyperFlow live, 8 Euler steps": lambda conv: lambda b, x, y: hb.adapt(
+            phi, b, x, y, config=dataclasses.replace(config, convolution=conv), num_steps=8),
+        "full fine-tuning, 100 steps": lambda conv: lambda b, x, y: hf.finetune_full(
+            b, x, y, lr=0.1, num_steps=100, ways=ways, scale=10.0,
+            features_fn=functools.partial(hb.backbone_features, convolution=conv)),
     }
 
     def measure(fn, call_args, repeats):
-        c = compiled_cost(fn, [call_args] * repeats)
+        c = hf.compiled_cost(fn, [call_args] * repeats)
         return {"ms": 1e3 * c["seconds_median"], "first_call_s": c["first_call_seconds"],
                 "alloc_kib": c["alloc_bytes"] / 1024}
 
-    cases = {f"meta-training: regression gradient, {args.tasks} tasks": (jax.grad(regression_loss), (phi,),
-                                                                           args.repeats),
-             f"meta-training: 5-step rollout gradient, {args.tasks} tasks": (jax.grad(rollout_loss), (phi,),
-                                                                              args.repeats)}
-    cases.update({f"episode: {name}": (fn, (backbone, sx[0], sy[0]), 50) for name, fn in episode.items()})
+    cases = {f"meta-training: regression gradient, {args.tasks} tasks": (
+                 lambda conv: jax.grad(functools.partial(regression_loss, convolution=conv)), (phi,), args.repeats),
+             f"meta-training: 5-step rollout gradient, {args.tasks} tasks": (
+                 lambda conv: jax.grad(functools.partial(rollout_loss, convolution=conv)), (phi,), args.repeats)}
+    cases.update({f"episode: {name}": (fn, (backbone, sx[0], sy[0]), args.episode_repeats)
+                  for name, fn in episode.items()})
     results = {}
-    for case, (fn, call_args, repeats) in cases.items():
-        for impl_name, impl in CONVOLUTIONS.items():
-            with backbone_convolution(impl):
-                results.setdefault(case, {})[impl_name] = measure(fn, call_args, repeats)
+    for case, (make_fn, call_args, repeats) in cases.items():
+        for impl_name in hb.CONVOLUTIONS:
+            results.setdefault(case, {})[impl_name] = measure(make_fn(impl_name), call_args, repeats)
         print(f"{case}: done", flush=True)
 
     rows = []
@@ -111,7 +122,8 @@ def main():
     print(format_table(("case", "shifted ms", "XLA ms", "XLA/shifted time", "shifted alloc KiB", "XLA alloc KiB",
                         "XLA/shifted alloc"), rows))
     write_json(args.out, {"device": str(jax.devices()[0]), "machine": platform.platform(),
-                          "channels": args.channels, "tasks": args.tasks, "results": results})
+                          "channels": args.channels, "tasks": args.tasks, "repeats": args.repeats,
+                          "episode_repeats": args.episode_repeats, "smoke": args.smoke, "results": results})
     print(f"wrote {args.out}")
 
 

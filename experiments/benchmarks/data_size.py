@@ -11,6 +11,7 @@ momentum, a 5-knot LR schedule, T steps) it records:
 
     python experiments/benchmarks/data_size.py                 # 3k and 60k
     python experiments/benchmarks/data_size.py --quick         # 300 and 3k, a few steps
+    python experiments/benchmarks/data_size.py --smoke         # 200 and 1k, 4 steps: a pipeline check
 """
 
 from __future__ import annotations
@@ -68,17 +69,23 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[3000, 60000])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="300 and 3,000 examples, 20 steps")
-    parser.add_argument("--out", default="experiments/benchmarks/results/data_size.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="200 and 1,000 examples, 4 steps: a pipeline check (tests)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "data_size.json"))
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(worker(args.worker, args.steps)))
         return
-    sizes, steps = ([300, 3000], 20) if args.quick else (args.sizes, args.steps)
+    sizes, steps = ([200, 1000], 4) if args.smoke else ([300, 3000], 20) if args.quick else (args.sizes, args.steps)
     rows = []
     for n in sizes:
         out = subprocess.run([sys.executable, __file__, "--worker", str(n), "--steps", str(steps)],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.stderr.write(out.stderr)
+            raise SystemExit(f"the worker for N={n} failed (exit status {out.returncode}); its output is above")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         print(f"N={n:>6}  first metagradient {r['first_metagrad_s']:6.2f} s   RSS growth {r['rss_growth_mb']:7.1f} MB"
@@ -91,7 +98,7 @@ def main(argv=None) -> None:
           f"{extra:.2f} MB per MB; first metagradient {summary['first_metagrad_ratio']:.2f}x")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"rows": rows, "summary": summary}, f, indent=1)
+        json.dump({"rows": rows, "summary": summary, "smoke": args.smoke}, f, indent=1)
 
 
 if __name__ == "__main__":

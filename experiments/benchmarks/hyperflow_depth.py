@@ -1,6 +1,6 @@
 """Adaptation cost against backbone depth: bias-mode HyperFlow vs GD on the same subset (biases + head).
 
-    python experiments/benchmarks/hyperflow_depth.py [--depths 2 4 8 16] [--width 512] [--shots 5]
+    python experiments/benchmarks/hyperflow_depth.py [--depths 2 4 8 16] [--width 512] [--shots 5] [--smoke]
     python experiments/benchmarks/hyperflow_depth.py --conv --depths 2 4 8 --width 64 \
         --out experiments/benchmarks/results/hyperflow_depth_conv.json
 
@@ -33,9 +33,9 @@ convolution, leaner in memory; ``experiments/benchmarks/conv1d_impl.py``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
-import sys
 
 
 def main():
@@ -47,8 +47,13 @@ def main():
     parser.add_argument("--gd-steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--conv", action="store_true", help="1-D CNN backbones: --width channels per layer")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest sizes that run every method (tests): --depths 1 --width 8, 5 GD steps, "
+                             "2 repeats")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "hyperflow_depth.json"))
     args = parser.parse_args()
+    if args.smoke:
+        args.depths, args.width, args.gd_steps, args.repeats = [1], 8, 5, 2
 
     import jax
     import jax.numpy as jnp
@@ -58,18 +63,16 @@ def main():
     from metagrad.hyperflow import bias as hb
     from metagrad.report import format_table, write_json
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/
-    from hyperflow import CONVOLUTIONS, best_cost  # the experiment's own cost measurement
 
     n = args.ways * args.shots
     x = jnp.asarray(np.random.default_rng(0).normal(size=(n, 40)), jnp.float32)
     y = jnp.repeat(jnp.arange(args.ways), args.shots)
 
     def cost(fn, params):
-        """:func:`hyperflow.best_cost` of ``fn(params, x, y)``, in ms and KiB; weights are arguments. On a CNN, the
-        best time and the least memory of the two convolutions (``hyperflow.CONVOLUTIONS``)."""
-        c = best_cost(fn, (params,), {"support_x": x[None], "support_y": y[None]}, args.repeats,
-                      CONVOLUTIONS if args.conv else None)
+        """:func:`metagrad.hyperflow.best_cost` of ``fn(params, x, y)``, in ms and KiB; weights are arguments. On a
+        CNN, the best time and the least memory of the two convolutions (``hb.CONVOLUTIONS``)."""
+        c = hf.best_cost(fn, (params,), {"support_x": x[None], "support_y": y[None]}, args.repeats,
+                         tuple(hb.CONVOLUTIONS) if args.conv else None)
         out = {"ms": 1e3 * c["seconds_median"], "alloc_kib": c["alloc_bytes"] / 1024,
                "argument_kib": c["argument_bytes"] / 1024, "peak_kib": c["peak_bytes"] / 1024}
         if "by_convolution" in c:
@@ -93,20 +96,23 @@ def main():
                    for support in hb.SUPPORT_MODES}
         phis = {support: hb.init_drift(jax.random.key(depth + 100), c, layers) for support, c in configs.items()}
         methods = {
-            "no adaptation": lambda p, sx, sy: hb.init_theta(p["backbone"], sx, jax.nn.one_hot(sy, args.ways), 10.0),
-            f"GD {args.gd_steps} steps": lambda p, sx, sy: hb.finetune(p["backbone"], sx, sy, lr_bias=1.0,
-                                                                       lr_head=1.0, num_steps=args.gd_steps,
-                                                                       ways=args.ways, scale=10.0),
+            "no adaptation": lambda p, sx, sy, convolution=hb.DEFAULT_CONVOLUTION: hb.init_theta(
+                p["backbone"], sx, jax.nn.one_hot(sy, args.ways), 10.0, convolution),
+            f"GD {args.gd_steps} steps": lambda p, sx, sy, convolution=hb.DEFAULT_CONVOLUTION: hb.finetune(
+                p["backbone"], sx, sy, lr_bias=1.0, lr_head=1.0, num_steps=args.gd_steps, ways=args.ways,
+                scale=10.0, convolution=convolution),
         }
         for support, euler_steps in [(s_, k) for s_ in hb.SUPPORT_MODES for k in (8, 2)]:
             methods[f"HyperFlow {support} {euler_steps} steps"] = (
-                lambda p, sx, sy, c=configs[support], k=euler_steps: hb.adapt(p["phi"], p["backbone"], sx, sy,
-                                                                              config=c, num_steps=k))
+                lambda p, sx, sy, c=configs[support], k=euler_steps, convolution=hb.DEFAULT_CONVOLUTION: hb.adapt(
+                    p["phi"], p["backbone"], sx, sy, config=dataclasses.replace(c, convolution=convolution),
+                    num_steps=k))
         # the same drift with its pair tokens evaluated for the whole support set at once (hb.adapt's default
         # evaluates 5 examples at a time: the same function in less scratch memory)
         methods["HyperFlow live 8 steps, pair tokens at once"] = (
-            lambda p, sx, sy, c=configs["live"]: hb.adapt(p["phi"], p["backbone"], sx, sy, config=c, num_steps=8,
-                                                          examples_per_chunk=None))
+            lambda p, sx, sy, c=configs["live"], convolution=hb.DEFAULT_CONVOLUTION: hb.adapt(
+                p["phi"], p["backbone"], sx, sy, config=dataclasses.replace(c, convolution=convolution), num_steps=8,
+                examples_per_chunk=None))
         costs = {name: cost(fn, {"backbone": backbone, "phi": phis[name.split()[1]]} if "HyperFlow" in name
                             else {"backbone": backbone})
                  for name, fn in methods.items()}
@@ -124,7 +130,8 @@ def main():
     print(format_table(("depth", "method", "time ms", "alloc KiB", "args KiB", "GD/this time", "GD/this alloc",
                         "GD/this peak"), rows))
     write_json(args.out, {"device": str(jax.devices()[0]), "machine": platform.platform(), "support_examples": n,
-                          "backbone": "conv1d" if args.conv else "mlp", "width": args.width, "gd_steps": args.gd_steps, "results": results})
+                          "backbone": "conv1d" if args.conv else "mlp", "width": args.width, "gd_steps": args.gd_steps,
+                          "repeats": args.repeats, "smoke": args.smoke, "results": results})
     print(f"wrote {args.out}")
 
 

@@ -2,6 +2,7 @@
 
     python experiments/benchmarks/inner_grad_modes.py
     python experiments/benchmarks/inner_grad_modes.py --steps 2000 --hidden 1024 1024
+    python experiments/benchmarks/inner_grad_modes.py --smoke    # smallest sizes, a pipeline check
 
 Same problem as ``replay_vs_peers.py`` (MLP 40-256-256-10 on MNIST-1D, batch 128,
 momentum SGD, metagradient of test loss w.r.t. a per-step LR and per-example
@@ -28,18 +29,25 @@ def main():
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
     parser.add_argument("--leaf", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest sizes that run every row (tests): --steps 160 --hidden 8 --leaf 4, 1 repeat")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "inner_grad_modes.json"))
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.hidden, args.leaf, args.repeats = 160, [8], 4, 1
+    if args.steps < 100 + 10 * args.leaf:
+        parser.error(f"--steps must be at least 100 + 10 x --leaf = {100 + 10 * args.leaf} (the timed forward steps "
+                     f"and leaves start at step 100), got {args.steps}")
 
     import jax
     import jax.numpy as jnp
 
     import replay
     from metagrad.report import format_table, write_json
-    from replay_vs_peers import benchmark_problem  # this directory is on sys.path when run as a script
+    from metagrad import workloads
     from replay.trees import partition
 
-    base = benchmark_problem(args.steps, args.hidden)
+    base = workloads.mnist1d_mlp(args.steps, args.hidden)
     problems = {mode: dataclasses.replace(base, inner_grad=mode) for mode in ("reverse", "forward_over_reverse")}
     meta = base.init_meta()
     start = replay.advance(base.step, base.init_state(), meta, 0, 100)
@@ -78,6 +86,7 @@ def main():
     print(f"max relative difference of the two metagradients: {agreement:.2e}")
     write_json(args.out, {"machine": platform.platform(), "cpus": os.cpu_count(), "devices": str(jax.devices()),
                           "hidden": args.hidden, "steps": args.steps, "leaf": args.leaf, "repeats": args.repeats,
+                          "smoke": args.smoke,
                           "rows": [dict(zip(["call", "reverse_s", "forward_over_reverse_s", "ratio"], r)) for r in rows],
                           "times": times, "metagradient_max_relative_difference": agreement})
     print(f"wrote {args.out}")

@@ -1,6 +1,7 @@
 """A 100,000-step exact metagradient under a 256 MB budget for stored states.
 
     python experiments/benchmarks/replay_long_run.py [--steps 100000] [--budget-mb 256] [--storage device|host|disk]
+    python experiments/benchmarks/replay_long_run.py --smoke    # smallest sizes, a pipeline check
 
 Problem as in replay_vs_peers.py (MLP 40-256-256-10, MNIST-1D, batch 128,
 momentum SGD, metagradient of test loss w.r.t. per-step LR and per-example
@@ -17,11 +18,8 @@ import logging
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 def main():
@@ -29,17 +27,21 @@ def main():
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--budget-mb", type=float, default=256)
     parser.add_argument("--storage", choices=("device", "host", "disk"), default="device")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest sizes that run every stage (tests): --steps 300 --budget-mb 8")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "replay_long_run.json"))
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.budget_mb = 300, 8.0  # 13 states of the 0.6 MB state; REPLAY needs 11
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     import jax
     import numpy as np
 
     import replay
-    from replay_vs_peers import _problem
+    from metagrad import workloads
 
-    problem = _problem(args.steps)
+    problem = workloads.mnist1d_mlp(args.steps)
     meta, state0 = problem.init_meta(), problem.init_state()
     budget = int(args.budget_mb * 2**20)
     state_bytes = replay.tree_bytes(state0)
@@ -65,6 +67,7 @@ def main():
         "train_seconds": train_s, "replay_seconds_incl_compile": replay_s, "ratio_to_train": replay_s / train_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "value": float(value),
         "grad_finite": bool(all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grad))),
+        "smoke": args.smoke,
     }
     print(json.dumps(result, indent=2))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

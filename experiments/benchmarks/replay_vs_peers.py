@@ -1,7 +1,8 @@
 """REPLAY against the other ways to get a metagradient through a training run, on one problem.
 
     python experiments/benchmarks/replay_vs_peers.py                       # T = 1,000 and 10,000
-    python experiments/benchmarks/replay_vs_peers.py --steps 100000 --only replay binomial
+    python experiments/benchmarks/replay_vs_peers.py --steps 100000 --only replay16 binomial16
+    python experiments/benchmarks/replay_vs_peers.py --smoke    # smallest sizes, a pipeline check
 
 Problem: an MLP 40-256-256-10 on MNIST-1D, batch 128, momentum SGD; metagradient
 of the test loss with respect to a per-step learning rate and per-example data
@@ -34,23 +35,13 @@ import time
 
 STRATEGIES = ("train", "full", "remat", "equinox", "replay4", "replay16", "binomial4", "binomial16",
               "replay_budget", "binomial_budget", "equinox_budget")
+# --smoke: the plain run, the k-ary plan and the budgeted binomial plan (a pipeline check, one worker process each;
+# not equinox, an optional dependency: the [bench] extra)
+SMOKE_STRATEGIES = ("train", "replay4", "binomial_budget")
 
 
 def _rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def benchmark_problem(num_steps, hidden=(256, 256)):
-    """MLP 40-256-256-10 on MNIST-1D, batch 128, momentum SGD; metaparameters: per-step LR and per-example weights."""
-    import optax
-
-    import metagrad as mg
-
-    return mg.TrainingProblem(
-        mg.MLP(hidden=tuple(hidden)), optax.inject_hyperparams(optax.sgd)(learning_rate=0.05, momentum=0.9),
-        mg.mnist1d(), num_steps=num_steps, batch_size=128, lr_schedule=mg.LRSchedule(num_steps, 0.05),
-        data_weights=mg.DataWeights(), objective_split="test",
-    )
 
 
 def _equinox_value_and_grad(problem, checkpoints):
@@ -81,7 +72,9 @@ def worker(name: str, num_steps: int, repeats: int, budget_bytes: int) -> dict:
 
     import replay
 
-    problem = benchmark_problem(num_steps)
+    from metagrad import workloads
+
+    problem = workloads.mnist1d_mlp(num_steps)
     meta, state0 = problem.init_meta(), problem.init_state()
     state_bytes = replay.tree_bytes(state0)
     k16 = replay.simulate(replay.kary_plan(num_steps, 16, 16), num_steps, leaf_size=16)[0]
@@ -154,8 +147,14 @@ def main():
     parser.add_argument("--budget-mb", type=float, default=128.0, help="state budget of the *_budget rows")
     parser.add_argument("--mem-cap-gb", type=float, default=8.0)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "replay_vs_peers.json"))
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"the smallest sizes (tests): --steps 40 --budget-mb 6 --repeats 1 --only "
+                             f"{' '.join(SMOKE_STRATEGIES)} (unless --only is given)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.budget_mb, args.repeats = [40], 6.0, 1  # 9 states of the 0.6 MB state; REPLAY needs 8
+        args.only = args.only or list(SMOKE_STRATEGIES)
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats,
                                                    int(args.budget_mb * 2**20))))
@@ -197,8 +196,13 @@ def main():
               f"{r['stored_states']:>8}{r['peak_rss_mb']:>13.0f}{ratio(r['peak_rss_mb'], u and u['peak_rss_mb']):>9}")
     from metagrad.report import write_json
 
-    write_json(args.out, {"machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows})
+    write_json(args.out, {"machine": platform.platform(), "cpus": os.cpu_count(), "steps": args.steps,
+                          "repeats": args.repeats, "budget_mb": args.budget_mb, "smoke": args.smoke, "rows": rows})
     print(f"wrote {args.out}")
+    failed = [r for r in rows if "error" in r and not r["error"].startswith("out of memory")]
+    if failed:  # a broken strategy fails the command (running out of memory under the cap is a result)
+        sys.exit(f"{len(failed)} of {len(rows)} runs failed: "
+                 + "; ".join(f"{r['strategy']} T={r['num_steps']}: {r['error']}" for r in failed))
 
 
 if __name__ == "__main__":
