@@ -1,97 +1,83 @@
-"""MGD on a learning-rate schedule vs a grid search over standard schedules (MNIST-1D).
+"""MGD on a learning-rate schedule vs a grid of 30 standard schedules, on several data sets with one set of defaults.
 
-    python experiments/lr_schedule.py [--quick | --smoke] [--out experiments/results/lr_schedule]
+    python experiments/lr_schedule.py [--data mnist1d fashion_mnist PATH.npz ...] [--model mlp|cnn]
+                                      [--out experiments/results/lr_schedule] [--smoke]
 
-Starts MGD from a deliberately poor flat schedule; both methods pick their
-schedule by validation loss and are reported on the untouched test split.
-MGD checkpoints every meta-step under <out>/mgd_checkpoints and a rerun
-resumes there (--fresh starts over).
+Each data set runs ``metagrad.apps.lr_schedule.run_on_data`` (what ``metagrad lr-schedule`` runs) with the
+defaults of ``ScheduleSearch`` unchanged, into ``<out>/<data set>/`` (its own resumable store, result.json and
+PNG); this script adds ``<out>/summary.json``, ``<out>/lr_schedule.png`` and a table. A data set that is not in
+this repository: ``experiments/datasets/sklearn_digits.py`` writes scikit-learn's digits as an npz.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-import metagrad as mg
 from metagrad.apps import lr_schedule as app
-from metagrad.mgd import checkpoint_folder, run_settings
 from metagrad.report import format_table, pyplot, write_json
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--smoke", action="store_true",
-                        help="the smallest sizes that run every stage, 3 grid schedules (a pipeline check for tests; "
-                             "no goal is judged)")
+    parser.add_argument("--data", nargs="+", default=["mnist1d", "fashion_mnist"],
+                        help="data sets, each as metagrad lr-schedule --data takes it")
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    parser.add_argument("--num-steps", type=int, default=500)
+    parser.add_argument("--smoke", action="store_true", help="every stage at the smallest size, on MNIST-1D only")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lr_schedule"))
-    parser.add_argument("--meta-steps", type=int, default=50)
-    parser.add_argument("--fresh", action="store_true", help="discard the MGD checkpoints in --out/mgd_checkpoints")
+    parser.add_argument("--fresh", action="store_true", help="discard earlier runs in --out")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    grid = None  # app.default_grid()
-    if args.smoke:
-        num_steps, knots, meta_steps, hidden = 20, 4, 2, (8,)
-        grid = app.default_grid(peaks=(0.05,), warmups=(0.25,))  # one schedule of each family
-    elif args.quick:
-        num_steps, knots, meta_steps, hidden = 100, 10, 6, (32,)
-    else:
-        num_steps, knots, meta_steps, hidden = 500, 12, args.meta_steps, (64, 64)
-    problem = mg.TrainingProblem(mg.MLP(hidden=hidden),
-                                 optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.9),
-                                 mg.mnist1d(num_samples=1000, num_val=200) if args.smoke else mg.mnist1d(),
-                                 num_steps=num_steps, lr_schedule=mg.LRSchedule(knots, 0.003))
-    tic = time.perf_counter()
-    grid = app.grid_search(problem, grid, progress=not args.no_progress)
-    grid_seconds = time.perf_counter() - tic
-    checkpoint_dir = checkpoint_folder(args.out, fresh=args.fresh, settings=run_settings(args))
-    mgd_result = app.optimize_lr_schedule(problem, meta_steps=meta_steps, meta_optimizer=optax.adam(0.01),
-                                          checkpoint_dir=checkpoint_dir, progress=not args.no_progress)
-    unit = mgd_result["seconds_per_training_run"]
-    best = grid[0]
-    report = {
-        "problem": {"model": f"MLP{hidden}", "num_steps": num_steps, "knots": knots, "optimizer": "SGD momentum 0.9"},
-        "grid": grid, "grid_size": len(grid), "grid_seconds": grid_seconds,
-        "grid_cost_runs": grid_seconds / unit, "mgd_cost_runs": mgd_result["mgd_seconds"] / unit,
-        "best_grid": best, **mgd_result,
-        "goal_met": mgd_result["final"]["test_loss"] <= best["test_loss"], "smoke": args.smoke,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, "result.json"), report)
+    if args.num_steps < 1:
+        parser.error("--num-steps must be >= 1")
+    datasets = ["mnist1d"] if args.smoke else args.data
+    reports = {}
+    for data in datasets:
+        name = os.path.splitext(os.path.basename(data))[0].replace("tfds:", "tfds_")
+        folder = os.path.join(args.out, f"{name}_{args.model}")
+        print(f"== {data} ({args.model}) -> {folder}")
+        reports[name] = app.run_on_data(data, folder, model=args.model, num_steps=args.num_steps, smoke=args.smoke,
+                                        fresh=args.fresh, progress=not args.no_progress)
+        print(app.report_table(reports[name]))
+
+    summary = {"model": args.model, "num_steps": args.num_steps, "smoke": args.smoke,
+               "search": next(iter(reports.values()))["search"],
+               "data_sets": {name: {"data": r["data"], "dataset": r["dataset"], "methods": r["methods"],
+                                    "goals": r["goals"], "best_grid": r["best_grid"],
+                                    "learned_knots": r["learned_knots"], "mgd_answer": r["mgd_answer"],
+                                    "cost_in_training_runs": r["cost_in_training_runs"], "seconds": r["seconds"]}
+                             for name, r in reports.items()}}
+    write_json(os.path.join(args.out, "summary.json"), summary)
 
     plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = np.arange(num_steps)
-    learned = np.asarray(problem.lr_schedule.values(jnp.asarray(mgd_result["learned_knots"]), num_steps))
-    ax1.plot(steps, app.schedule(best["family"], best["peak"], best["warmup_fraction"], num_steps),
-             label=f"best grid ({best['family']}, peak {best['peak']})")
-    ax1.plot(steps, learned, label="MGD")
-    ax1.plot(steps, np.full(num_steps, mgd_result["initial_knots"][0]), label="MGD start", ls=":")
-    ax1.set(xlabel="training step", ylabel="learning rate", title="Schedules")
-    ax1.legend()
-    ax2.plot([h["objective"] for h in mgd_result["history"]], label="MGD (val loss at each meta-step)")
-    ax2.axhline(best["val_loss"], color="k", ls="--", label="best of grid (val loss)")
-    ax2.set(xlabel="meta-step", ylabel="validation loss", title="MGD vs grid")
-    ax2.legend()
+    fig, axes = plt.subplots(1, len(reports), figsize=(5 * len(reports), 3.8), squeeze=False)
+    for ax, (name, r) in zip(axes[0], reports.items()):
+        T = len(r["learned_schedule"])
+        best = r["best_grid"]
+        ax.plot(np.arange(T), app.schedule(best["family"], best["peak"], best["warmup_fraction"], T),
+                label=f"best grid ({best['family']} {best['peak']})")
+        ax.plot(np.arange(T), r["learned_schedule"], label="MGD")
+        m, g = r["methods"]["mgd"], r["methods"]["best_grid"]
+        ax.set(title=f"{name}: test loss {m['test_loss']:.3f} (MGD) vs {g['test_loss']:.3f}", xlabel="step",
+               ylabel="learning rate", yscale="log")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "lr_schedule.png"), dpi=120)
 
-    rows = [("MGD start (flat)", mgd_result["initial"]["val_loss"], mgd_result["initial"]["test_loss"],
-             mgd_result["initial"]["test_accuracy"], "-"),
-            (f"best grid of {len(grid)}", best["val_loss"], best["test_loss"], best["test_accuracy"],
-             f"{report['grid_cost_runs']:.1f}"),
-            (f"MGD, {meta_steps} meta-steps", mgd_result["final"]["val_loss"], mgd_result["final"]["test_loss"],
-             mgd_result["final"]["test_accuracy"], f"{report['mgd_cost_runs']:.1f}")]
-    print(format_table(("schedule", "val loss", "test loss", "test acc", "cost (runs)"), rows))
-    print(f"goal (MGD test loss <= best grid test loss): {'met' if report['goal_met'] else 'NOT met'}"
-          + (" (smoke run: sizes too small for the goal to mean anything)" if args.smoke else ""))
-    print(f"wrote {args.out}/result.json and lr_schedule.png")
+    rows = []
+    for name, r in reports.items():
+        for method in ("mgd", "best_grid", "initial"):
+            m = r["methods"][method]
+            rows.append((name, method, f"{m['val_loss']:.4f} ± {m['val_loss_std']:.4f}",
+                         f"{m['test_loss']:.4f} ± {m['test_loss_std']:.4f}", f"{m['test_accuracy']:.4f}"))
+    print(format_table(("data", "schedule", "val loss", "test loss", "test acc"), rows))
+    for name, r in reports.items():
+        print(f"{name}: " + ", ".join(f"{g} {'met' if ok else 'NOT met'}" for g, ok in r["goals"].items())
+              + (" (smoke run: no goal is judged)" if args.smoke else ""))
+    print(f"wrote {args.out}/summary.json and lr_schedule.png")
 
 
 if __name__ == "__main__":

@@ -109,9 +109,9 @@ def output_file(text: str) -> str:
 
 
 def dataset_spec(text: str) -> str:
-    """``mnist1d``, an existing ``.npz`` file or ``tfds:NAME``."""
-    choices = "'mnist1d', a .npz file with arrays x and y, or 'tfds:NAME'"
-    if text == "mnist1d" or (text.startswith("tfds:") and len(text) > len("tfds:")):
+    """``mnist1d``, ``fashion_mnist``, an existing ``.npz`` file or ``tfds:NAME``."""
+    choices = "'mnist1d', 'fashion_mnist', a .npz file with arrays x and y (or x_train, y_train, x_test, y_test), or 'tfds:NAME'"
+    if text in ("mnist1d", "fashion_mnist") or (text.startswith("tfds:") and len(text) > len("tfds:")):
         return text
     if text.endswith(".npz"):
         if not os.path.isfile(text):
@@ -185,33 +185,43 @@ def _demo(args) -> int:
     return 0 if report["final"]["val_loss"] <= report["initial"]["val_loss"] else 1
 
 
-def _load_dataset(spec: str):
-    from . import data as data_lib
+def _lr_schedule(args) -> int:
+    from .apps import lr_schedule as app
 
-    if spec == "mnist1d":
-        return data_lib.mnist1d()
-    if spec.endswith(".npz"):
-        import numpy as np
+    report = app.run_on_data(args.data, args.out, model=args.model, num_steps=args.num_steps,
+                             batch_size=args.batch_size, search=app.ScheduleSearch(meta_steps=args.meta_steps),
+                             smoke=args.smoke, fresh=args.fresh, progress=not args.no_progress)
+    print(app.report_table(report))
+    print("goals: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in report["goals"].items())
+          + (" (smoke run: no goal is judged)" if args.smoke else ""))
+    print(f"wrote {os.path.join(args.out, 'result.json')} and {os.path.join(args.out, 'lr_schedule.png')}")
+    return 0
 
-        arrays = np.load(spec)
-        missing = {"x", "y"} - set(arrays.files)
-        if missing:
-            raise UsageError(f"{spec} must hold arrays 'x' and 'y' (integer labels); missing {sorted(missing)}.")
-        return data_lib.from_arrays(arrays["x"].astype("float32"), arrays["y"].astype("int32"), name=spec)
-    if spec.startswith("tfds:"):
-        return data_lib.from_tfds(spec[len("tfds:"):])
-    raise UsageError(f"unknown dataset {spec!r}: use 'mnist1d', a .npz file with arrays x and y, or 'tfds:NAME'.")
+
+def _select_data(args) -> int:
+    from .apps import data_selection as app
+
+    report = app.run_on_data(args.data, args.out, label_noise=args.label_noise, model=args.model,
+                             num_steps=args.num_steps, batch_size=args.batch_size, learning_rate=args.lr,
+                             search=app.SubsetSearch(keep_fraction=args.keep, meta_steps=args.meta_steps),
+                             smoke=args.smoke, fresh=args.fresh, progress=not args.no_progress)
+    print(app.report_table(report))
+    print("goal: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in report["goals"].items())
+          + (" (smoke run: no goal is judged)" if args.smoke else ""))
+    print(f"wrote {os.path.join(args.out, 'result.json')} and {os.path.join(args.out, 'data_selection.png')}")
+    return 0
 
 
 def _audit_poison(args) -> int:
     import optax
 
     from .apps import poisoning
+    from .data import load_dataset
     from .mgd import checkpoint_folder, run_settings
     from .models import CNN1D, MLP
     from .training import TrainingProblem
 
-    dataset = _load_dataset(args.data)
+    dataset = load_dataset(args.data, standardize=False)
     if args.model == "cnn":
         model = CNN1D(channels=tuple(args.channels), num_classes=dataset.num_classes)
     else:
@@ -293,12 +303,51 @@ def build_parser() -> tuple[CommandLineParser, dict]:
     audit.add_argument("--no-progress", action="store_true")
     audit.set_defaults(func=_audit_poison)
 
+    lr = sub.add_parser("lr-schedule", help="learn a learning-rate schedule by MGD against a grid of standard ones")
+    lr.add_argument("--data", type=dataset_spec, default="mnist1d",
+                    help="'mnist1d', 'fashion_mnist', a .npz (x, y or x_train, y_train, x_test, y_test) or 'tfds:NAME'")
+    lr.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                    help="an MLP 64-64, or a CNN (residual BatchNorm CNN for images, 1-D CNN for sequences)")
+    lr.add_argument("--out", type=output_folder, default="lr_schedule_run",
+                    help="output and resume folder (default: ./lr_schedule_run)")
+    lr.add_argument("--num-steps", type=positive_int, default=500, help="training steps per run")
+    lr.add_argument("--batch-size", type=positive_int, default=128)
+    lr.add_argument("--meta-steps", type=positive_int, default=50, help="MGD steps")
+    lr.add_argument("--smoke", action="store_true", help="every stage at the smallest size (a pipeline check)")
+    lr.add_argument("--fresh", action="store_true", help="discard an earlier run in --out")
+    lr.add_argument("--no-progress", action="store_true")
+    lr.set_defaults(func=_lr_schedule)
+
+    select = sub.add_parser("select-data", help="select a training subset by MGD against the usual baselines")
+    select.add_argument("--data", type=dataset_spec, default="mnist1d",
+                        help="'mnist1d', 'fashion_mnist', a .npz (x, y or x_train, y_train, x_test, y_test) or "
+                             "'tfds:NAME'")
+    select.add_argument("--label-noise", type=fraction_in_unit_interval, default=0.3,
+                        help="fraction of training labels flipped at random before selecting (in [0, 1))")
+    select.add_argument("--keep", type=fraction_in_open_unit_interval, default=0.7,
+                        help="fraction of the training set every selection keeps")
+    select.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                        help="an MLP 64-64, or a CNN (residual BatchNorm CNN for images, 1-D CNN for sequences)")
+    select.add_argument("--out", type=output_folder, default="select_data_run",
+                        help="output and resume folder (default: ./select_data_run)")
+    select.add_argument("--num-steps", type=positive_int, default=500, help="training steps per run")
+    select.add_argument("--batch-size", type=positive_int, default=128)
+    select.add_argument("--lr", type=positive_float, default=0.03, help="momentum SGD's learning rate")
+    select.add_argument("--meta-steps", type=positive_int, default=40, help="MGD steps")
+    select.add_argument("--smoke", action="store_true", help="every stage at the smallest size (a pipeline check)")
+    select.add_argument("--fresh", action="store_true", help="discard an earlier run in --out")
+    select.add_argument("--no-progress", action="store_true")
+    select.set_defaults(func=_select_data)
+
     from .interactive.cli import add_interactive_parser, add_replay_log_parser
 
     interactive = add_interactive_parser(sub)  # metagrad interactive
     replay_log = add_replay_log_parser(sub)  # metagrad replay-log LOG
     flag_names = {"demo": _flag_names(demo, {**common, "num_meta_steps": "--meta-steps"}),
                   "audit-poison": _flag_names(audit, {**common, "num_meta_steps": "--meta-steps"}),
+                  "lr-schedule": _flag_names(lr, {**common, "meta_steps": "--meta-steps"}),
+                  "select-data": _flag_names(select, {**common, "meta_steps": "--meta-steps", "keep_fraction": "--keep",
+                                                      "learning_rate": "--lr"}),
                   "interactive": _flag_names(interactive, common),
                   "replay-log": _flag_names(replay_log, common)}
     return parser, flag_names

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "DataWeights", "LRSchedule", "Metaparameter", "Poison", "ProblemInfo", "StepContext", "has_injected_lr",
+    "DataWeights", "LRSchedule", "LogLRSchedule", "Metaparameter", "Poison", "ProblemInfo", "StepContext", "has_injected_lr",
     "project_to_simplex",
 ]
 
@@ -183,6 +183,10 @@ class LRSchedule(Metaparameter):
     def positions(self, num_steps: int):
         return jnp.linspace(0.0, float(max(num_steps - 1, 1)), self.num_knots)
 
+    def rates(self, knots):
+        """The knots as learning rates (here the value itself)."""
+        return knots
+
     def value_at(self, knots, t, num_steps: int):
         """The learning rate at step ``t`` (linear interpolation between knots)."""
         if self.num_knots == 1:
@@ -216,6 +220,47 @@ class LRSchedule(Metaparameter):
             return jax.tree.map(lambda u: u * rate.astype(u.dtype), updates), opt_state
 
         return scheduled
+
+
+@dataclasses.dataclass(frozen=True)
+class LogLRSchedule(LRSchedule):
+    """A piecewise-linear schedule of the *logarithm* of the learning rate: the value holds ``log`` of each knot.
+
+    Enters the step exactly as :class:`LRSchedule` (it sets an injected learning
+    rate, or multiplies the final update), at ``exp`` of the interpolated log
+    knots. A metagradient step of a fixed size then changes each knot by a fixed
+    *factor*, whatever the scale of the learning rate: an Adam step of 0.1 moves
+    a knot by about 10%, at 1e-4 as at 1. This makes the meta-step size free of
+    the problem's LR scale (a step sized for knots near 0.003 is a leap for knots
+    near 1e-4 and a crawl near 1), and keeps every rate positive without a
+    projection. Engstrom et al. (arXiv 2503.13751, Sec. 5.3) optimize a
+    piecewise-linear schedule's knots; the log parametrization is this library's.
+
+    ``init_value`` is a learning rate (not its log); ``min_rate`` bounds every knot
+    from below (the projection clips the log value at ``log(min_rate)``).
+    """
+
+    min_rate: float = 1e-8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_value is not None and not self.init_value > 0:
+            raise ValueError(f"LogLRSchedule.init_value must be > 0 (its log is stored), got {self.init_value}.")
+        if not self.min_rate > 0:
+            raise ValueError(f"LogLRSchedule.min_rate must be > 0, got {self.min_rate}.")
+
+    def init(self, info, dtype=None):
+        return jnp.log(super().init(info, dtype))
+
+    def project(self, log_knots, info=None):
+        return jnp.maximum(log_knots, jnp.log(jnp.asarray(self.min_rate, log_knots.dtype)))
+
+    def rates(self, log_knots):
+        """The knots as learning rates."""
+        return jnp.exp(log_knots)
+
+    def value_at(self, log_knots, t, num_steps: int):
+        return jnp.exp(super().value_at(log_knots, t, num_steps))
 
 
 def project_to_simplex(v, total: float = 1.0):

@@ -172,3 +172,25 @@ def loss_and_accuracy(logits, labels):
 
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+MODEL_KINDS = ("mlp", "cnn")
+
+
+def model_named(kind: str, input_shape: tuple, num_classes: int) -> nn.Module:
+    """The applications' default model of ``kind`` for inputs of ``input_shape`` (one example's shape).
+
+    ``"mlp"``: :class:`MLP` 64-64 on the flattened input. ``"cnn"``: for images
+    (``(H, W)`` or ``(H, W, C)``) the residual BatchNorm :class:`ResidualCNN`
+    with channels 16-32-64; for sequences (``(L,)`` or ``(L, C)``) the :class:`CNN1D` 32-32.
+    """
+    if kind == "mlp":
+        return MLP(hidden=(64, 64), num_classes=num_classes)
+    if kind == "cnn":
+        if len(input_shape) == 1 or (len(input_shape) == 2 and input_shape[-1] <= 4):
+            return CNN1D(num_classes=num_classes)
+        if len(input_shape) in (2, 3):
+            return ResidualCNN(num_classes=num_classes)
+        raise ValueError(f"no CNN for inputs of shape {tuple(input_shape)}: give images (H, W[, C]) or "
+                         "sequences (L[, C]), or model='mlp'.")
+    raise ValueError(f"unknown model {kind!r}; use one of {MODEL_KINDS}.")

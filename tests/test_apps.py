@@ -201,3 +201,82 @@ def test_audit_poison_command(tmp_path):
     with pytest.raises(SystemExit, match="arrays 'x' and 'y'"):
         np.savez(tmp_path / "bad.npz", inputs=x)
         main(["audit-poison", "--data", str(tmp_path / "bad.npz"), "--out", str(out)])
+
+
+def test_lr_schedule_command_on_an_npz_writes_every_method_and_resumes(tmp_path):
+    """``metagrad lr-schedule`` on a user's npz (x_train/y_train/x_test/y_test): every method scored on fresh
+    seeds with its spread; a rerun resumes the finished run (no meta-step is redone); other settings are refused."""
+    from metagrad.cli import main
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 2, 3)).astype(np.float32) * np.array([1.0, 100.0, 0.01], np.float32)
+    y = (x[:, 0, 0] + x[:, 1, 1] / 100 > 0).astype(np.int32)
+    np.savez(tmp_path / "toy.npz", x_train=x[:300], y_train=y[:300], x_test=x[300:], y_test=y[300:])
+    out = tmp_path / "run"
+    argv = ["lr-schedule", "--data", str(tmp_path / "toy.npz"), "--out", str(out), "--smoke", "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "result.json").read_text())
+    assert set(report["methods"]) == {"mgd", "best_grid", "initial"}
+    for metrics in report["methods"].values():
+        assert set(metrics) == {f"{k}{s}" for k in ("val_loss", "test_loss", "test_accuracy") for s in ("", "_std")}
+        assert np.isfinite(list(metrics.values())).all()
+    assert report["dataset"] == {"name": "toy", "train": 255, "val": 45, "test": 100, "input_shape": [2, 3],
+                                 "num_classes": 2}
+    assert len(report["per_seed"]["mgd"]) == len(report["search"]["eval_seeds"]) == 2
+    assert [h["meta_step"] for h in report["history"]] == [0, 1] and report["resumed_from_meta_step"] == 0
+    assert all(k > 0 for k in report["learned_knots"])
+    assert (out / "lr_schedule.png").exists()
+    assert main(argv) == 0
+    again = json.loads((out / "result.json").read_text())
+    assert again["resumed_from_meta_step"] == 2 and again["methods"] == report["methods"]
+    with pytest.raises(ValueError, match="model"):
+        main(argv + ["--model", "cnn"])
+
+
+def test_standardized_data_is_in_units_of_each_feature():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 4)) * np.array([0.5, 1.0, 1e3, 0.0]) + 7.0
+    x[0, 3] += 1e-3  # a nearly constant feature is not blown up
+    dataset = mg.standardized(mg.from_arrays(x.astype(np.float32), (x[:, 0] > 7).astype(np.int32)))
+    # (scales below a tenth of the median feature's are floored there: 0.5 is not, 4e-5 is)
+    np.testing.assert_allclose(dataset.x_train.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(dataset.x_train[:, :3].std(axis=0), 1.0, rtol=1e-3)
+    assert np.abs(dataset.x_train[:, 3]).max() < 0.1
+    assert dataset.input_range == (float(dataset.x_train.min()), float(dataset.x_train.max()))
+    with pytest.raises(ValueError, match="unknown dataset"):
+        mg.load_dataset("cifar")
+
+
+def test_select_data_command_scores_every_baseline_and_resumes(tmp_path):
+    from metagrad.cli import main
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(400, 5)).astype(np.float32)
+    np.savez(tmp_path / "toy.npz", x=x, y=(x[:, 0] + x[:, 1] > 0).astype(np.int32))
+    out = tmp_path / "run"
+    argv = ["select-data", "--data", str(tmp_path / "toy.npz"), "--label-noise", "0.2", "--out", str(out), "--smoke",
+            "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "result.json").read_text())
+    assert set(report["methods"]) == set(data_selection.METHODS)
+    for metrics in report["methods"].values():
+        assert {"val_loss", "test_loss", "test_accuracy", "test_accuracy_std"} <= set(metrics)
+    assert report["methods"]["full"]["flipped_removed_fraction"] == 0.0
+    assert report["kept"] == round(0.7 * 280) and len(report["weights"]) == 280 and sum(report["flipped"]) == 56
+    assert (out / "data_selection.png").exists()
+    assert main(argv) == 0
+    assert json.loads((out / "result.json").read_text())["resumed_from_meta_step"] == 2
+    with pytest.raises(ValueError, match="label_noise"):
+        main(argv[:4] + ["0.3"] + argv[5:])
+
+
+def test_gradient_similarity_prefers_examples_that_agree_with_validation():
+    """Examples whose labels were flipped have gradients pointing away from the clean validation gradient."""
+    data = mg.standardized(small_mnist1d())
+    noisy, flipped = data_selection.flip_labels(data, 0.3, seed=0)
+    base = mg.TrainingProblem(mg.MLP(hidden=(16,)), optax.sgd(0.03, momentum=0.9), noisy, num_steps=60,
+                              batch_size=64, lr_schedule=None)
+    keep = data_selection.gradient_similarity_indices(base, noisy, 420, checkpoints=2)
+    assert len(set(keep.tolist())) == 420
+    # a random 420 of the 600 would keep 30% flipped labels, give or take 1.2 points (one standard deviation)
+    assert flipped[keep].mean() < flipped.mean() - 0.03

@@ -34,11 +34,11 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
 # --out is a folder for the experiments and the JSON file itself for the benchmarks, "" below)
 SCRIPTS = {
     "data_poisoning.py": ("report.json", "poisoning.png"),
-    "data_selection.py": ("result.json", "data_selection.png"),
+    "data_selection.py": ("summary.json", "mnist1d_mlp/data_selection.png"),
     "dga_mixing.py": ("result_smoke.json", "dga_mixing_smoke.png"),
     "hyperflow.py": ("result.json", "hyperflow.png"),
     "learning_transfer.py": ("result.json", "learning_transfer.png"),
-    "lr_schedule.py": ("result.json", "lr_schedule.png"),
+    "lr_schedule.py": ("summary.json", "lr_schedule.png"),
     "metasmoothness.py": ("result.json", "metasmoothness.png"),
     "benchmarks/conv1d_impl.py": ("",),
     "benchmarks/data_size.py": ("",),

@@ -212,3 +212,25 @@ def test_the_compiled_programs_do_not_embed_the_data(n_small, n_large):
     # n = 4096 x 6 float32 inputs are 98 kB, far more than any difference in the programs' text
     assert abs(sizes[n_large][0] - sizes[n_small][0]) < 500, sizes
     assert sizes[n_large][1] == sizes[n_small][1], sizes
+
+
+def test_a_log_space_schedule_is_exact_and_sets_the_rates_of_its_knots(x64):
+    problem = _problem(mg.MLP(hidden=(8,), num_classes=3),
+                       optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.9),
+                       lr_schedule=mg.LogLRSchedule(4, 0.1))
+    meta = _perturbed(problem)
+    spec = problem.lr_schedule
+    at_knots = jax.jit(lambda knots: jnp.stack([spec.value_at(knots, t, 12) for t in (0, 11)]))
+    np.testing.assert_allclose(np.asarray(at_knots(meta["lr_schedule"])),
+                               np.exp(np.asarray(meta["lr_schedule"]))[[0, 3]], rtol=1e-12)
+    _check_exact(problem, meta)
+    per_step = dataclasses.replace(problem, lr_schedule=mg.LogLRSchedule(12, 0.1))
+    rates = jnp.asarray(np.random.default_rng(3).uniform(0.01, 0.2, 12))
+    linear = dataclasses.replace(problem, lr_schedule=mg.LRSchedule(12, 0.1))
+    same = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                        per_step.train({"lr_schedule": jnp.log(rates)})["params"],
+                        linear.train({"lr_schedule": rates})["params"])
+    assert max(jax.tree.leaves(same)) < 1e-12
+    assert float(spec.project(jnp.asarray([-100.0]))[0]) == pytest.approx(np.log(1e-8))
+    with pytest.raises(ValueError, match="must be > 0"):
+        mg.LogLRSchedule(4, 0.0)

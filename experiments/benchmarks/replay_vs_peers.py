@@ -4,9 +4,12 @@
     python experiments/benchmarks/replay_vs_peers.py --steps 100000 --only replay16 binomial16
     python experiments/benchmarks/replay_vs_peers.py --smoke    # smallest sizes, a pipeline check
 
-Problem: an MLP 40-256-256-10 on MNIST-1D, batch 128, momentum SGD; metagradient
-of the test loss with respect to a per-step learning rate and per-example data
-weights. Each strategy runs in its own process (peak resident memory is its
+Problem (--workload, from metagrad.workloads): an MLP 40-256-256-10 on MNIST-1D, batch 128,
+momentum SGD, metagradient of the test loss with respect to a per-step learning rate and
+per-example data weights; or full-size Fashion-MNIST (50,000 training images) with an MLP
+784-256-256-10 or the residual BatchNorm CNN, batch 256, the validation loss. Memory is read
+three ways: peak process RSS, the bytes of the states each strategy stores, and (on an
+accelerator) the device allocator's peak. Each strategy runs in its own process (peak resident memory is its
 own, capped at --mem-cap-gb; a strategy that exceeds it is reported as out of
 memory). Times are the best of --repeats calls after a compiling call, and are
 given as ratios to a plain compiled training run of the same T.
@@ -67,14 +70,14 @@ def _equinox_value_and_grad(problem, checkpoints):
     return value_and_grad
 
 
-def worker(name: str, num_steps: int, repeats: int, budget_bytes: int) -> dict:
+def worker(name: str, num_steps: int, repeats: int, budget_bytes: int, workload: str = "mnist1d_mlp") -> dict:
     import jax
 
     import replay
 
     from metagrad import workloads
 
-    problem = workloads.mnist1d_mlp(num_steps)
+    problem = workloads.WORKLOADS[workload](num_steps)
     meta, state0 = problem.init_meta(), problem.init_state()
     state_bytes = replay.tree_bytes(state0)
     k16 = replay.simulate(replay.kary_plan(num_steps, 16, 16), num_steps, leaf_size=16)[0]
@@ -128,8 +131,11 @@ def worker(name: str, num_steps: int, repeats: int, budget_bytes: int) -> dict:
         tic = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - tic)
+    stats = jax.devices()[0].memory_stats() or {}  # None on CPU; an accelerator's allocator peak elsewhere
     return {"strategy": name, "num_steps": num_steps, "first_call_s": first, "seconds": min(times),
-            "peak_rss_mb": _rss_mb(), "baseline_rss_mb": baseline, **info}
+            "peak_rss_mb": _rss_mb(), "baseline_rss_mb": baseline, "workload": workload,
+            "stored_state_bytes": info["stored_states"] * state_bytes,
+            "device_peak_bytes": stats.get("peak_bytes_in_use"), "device": str(jax.devices()[0]), **info}
 
 
 def _limit_memory(gb):
@@ -150,6 +156,10 @@ def main():
     parser.add_argument("--smoke", action="store_true",
                         help=f"the smallest sizes (tests): --steps 40 --budget-mb 6 --repeats 1 --only "
                              f"{' '.join(SMOKE_STRATEGIES)} (unless --only is given)")
+    parser.add_argument("--workload", default="mnist1d_mlp",
+                        choices=("mnist1d_mlp", "fashion_mnist_mlp", "fashion_mnist_cnn"),
+                        help="the problem (metagrad.workloads): the MNIST-1D MLP 256-256, or full-size Fashion-MNIST "
+                             "with the MLP 256-256 or the residual BatchNorm CNN 16-32-64")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:
@@ -157,7 +167,7 @@ def main():
         args.only = args.only or list(SMOKE_STRATEGIES)
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats,
-                                                   int(args.budget_mb * 2**20))))
+                                                   int(args.budget_mb * 2**20), args.workload)))
         return
     names = args.only or STRATEGIES
     if "train" not in names:
@@ -167,7 +177,7 @@ def main():
         for name in names:
             tic = time.perf_counter()
             proc = subprocess.run([sys.executable, __file__, "--worker", name, str(T), "--repeats", str(args.repeats),
-                                   "--budget-mb", str(args.budget_mb)],
+                                   "--budget-mb", str(args.budget_mb), "--workload", args.workload],
                                   capture_output=True, text=True, preexec_fn=_limit_memory(args.mem_cap_gb))
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -181,7 +191,7 @@ def main():
             print(f"  {name} T={T}: {time.perf_counter() - tic:.0f}s in all", file=sys.stderr, flush=True)
     unit = {r["num_steps"]: r for r in rows if r["strategy"] == "train" and "error" not in r}
     header = (f"{'strategy':<16}{'T':>8}{'time s':>9}{'x train':>9}{'x remat':>9}{'step evals':>12}"
-              f"{'states':>8}{'peak RSS MB':>13}{'x train':>9}")
+              f"{'states':>8}{'stored MB':>11}{'peak RSS MB':>13}{'x train':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -193,10 +203,12 @@ def main():
         ratio = lambda a, b: f"{a / b:.2f}" if b else "-"  # noqa: E731
         print(f"{r['strategy']:<16}{r['num_steps']:>8}{r['seconds']:>9.2f}{ratio(r['seconds'], u and u['seconds']):>9}"
               f"{ratio(r['seconds'], remat and remat['seconds']):>9}{str(r.get('step_evaluations', '-')):>12}"
-              f"{r['stored_states']:>8}{r['peak_rss_mb']:>13.0f}{ratio(r['peak_rss_mb'], u and u['peak_rss_mb']):>9}")
+              f"{r['stored_states']:>8}{r['stored_state_bytes'] / 2**20:>11.1f}{r['peak_rss_mb']:>13.0f}"
+              f"{ratio(r['peak_rss_mb'], u and u['peak_rss_mb']):>9}")
     from metagrad.report import write_json
 
-    write_json(args.out, {"machine": platform.platform(), "cpus": os.cpu_count(), "steps": args.steps,
+    write_json(args.out, {"machine": platform.platform(), "cpus": os.cpu_count(), "workload": args.workload,
+                          "steps": args.steps,
                           "repeats": args.repeats, "budget_mb": args.budget_mb, "smoke": args.smoke, "rows": rows})
     print(f"wrote {args.out}")
     failed = [r for r in rows if "error" in r and not r["error"].startswith("out of memory")]

@@ -9,7 +9,9 @@ model on them.
 from __future__ import annotations
 
 import dataclasses
+import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -18,8 +20,10 @@ from ..data import Dataset
 from ..meta import DataWeights
 from ..mgd import mgd
 from ..problem import train_and_evaluate
+from ..store import RunStore
 from ..training import TrainingProblem
-from .common import mean_value_and_metagrad
+from .common import (describe_dataset, evaluate_at_seed, fresh_training_seeds, mean_and_std, mean_value_and_metagrad,
+                     problem_on_data)
 
 
 def flip_labels(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, np.ndarray]:
@@ -112,3 +116,289 @@ def select_data(base: TrainingProblem, noisy: Dataset, flipped: np.ndarray, *, k
         "mean_weight_clean": float(weights[~flipped].mean()),
         "history": result.history,
     }
+
+
+# ------------------------------------------------------------------ the application, with defaults chosen once
+def gradient_similarity_indices(base: TrainingProblem, dataset: Dataset, keep: int, *, seed: int = 0,
+                                checkpoints: int = 4, chunk: int = 1024) -> np.ndarray:
+    """Keep the ``keep`` training examples whose loss gradient points most along the validation gradient.
+
+    As LESS does (Xia et al., "LESS: Selecting Influential Data for Targeted
+    Instruction Tuning", ICML 2024), but with exact per-example gradients of
+    every parameter instead of random projections of LoRA gradients: a model is
+    trained on all the data; at ``checkpoints`` evenly spaced points of its run
+    each example's score is the cosine between its gradient and the mean
+    validation gradient; scores are averaged over the checkpoints.
+    """
+    problem = dataclasses.replace(base, data=dataset, seed=seed, data_weights=None, poison=None)
+    meta = problem.init_meta()
+    x, y = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
+    x_val, y_val = jnp.asarray(dataset.x_val), jnp.asarray(dataset.y_val)
+
+    def loss(params, model_state, xb, yb):
+        logits = problem.logits(params, xb, model_state=model_state)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    flat = lambda tree: jnp.concatenate([g.reshape(g.shape[0], -1) for g in jax.tree.leaves(tree)], axis=1)  # noqa: E731
+
+    @jax.jit
+    def cosines(params, model_state, val_dir, xb, yb):
+        per_example = jax.vmap(jax.grad(loss), in_axes=(None, None, 0, 0))(params, model_state, xb[:, None],
+                                                                          yb[:, None])
+        g = flat(per_example)
+        return (g @ val_dir) / (jnp.linalg.norm(g, axis=1) + 1e-12)
+
+    scores = np.zeros(dataset.num_train)
+    steps = [max(1, round(problem.num_steps * (i + 1) / checkpoints)) for i in range(checkpoints)]
+    for t in steps:
+        state = problem.train(meta, t)
+        params, model_state = state["params"], state.get("model_state", {})
+        val_grad = jax.grad(loss)(params, model_state, x_val, y_val)
+        val_dir = jnp.concatenate([g.reshape(-1) for g in jax.tree.leaves(val_grad)])
+        val_dir = val_dir / (jnp.linalg.norm(val_dir) + 1e-12)
+        for start in range(0, dataset.num_train, chunk):
+            scores[start:start + chunk] += np.asarray(cosines(params, model_state, val_dir, x[start:start + chunk],
+                                                              y[start:start + chunk]))
+    return np.argsort(-scores, kind="stable")[:keep]
+
+
+def split_validation(dataset: Dataset, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The dataset twice: with the first and with the second half of its validation split (at random by ``seed``)."""
+    order = np.random.default_rng(seed).permutation(len(dataset.y_val))
+    half = len(order) // 2
+    a, b = np.sort(order[:half]), np.sort(order[half:])
+    if len(a) == 0:
+        raise ValueError("the validation split needs at least 2 examples to be halved.")
+    return (dataclasses.replace(dataset, x_val=dataset.x_val[a], y_val=dataset.y_val[a]),
+            dataclasses.replace(dataset, x_val=dataset.x_val[b], y_val=dataset.y_val[b]))
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetSearch:
+    """How :func:`search_subset` selects data: defaults chosen once and used unchanged on every data set.
+
+    Nothing is in units of the data: data weights live in ``[0, 1]`` and Adam's
+    per-weight normalization makes a meta-step a fixed fraction of that range.
+
+    Attributes:
+      keep_fraction: the fraction of the training set every selection keeps.
+      meta_steps: MGD steps on the per-example weights (validation loss of half of the validation split).
+      meta_lr: Adam's step on the weights.
+      constraint: the weights' feasible set (:class:`~metagrad.meta.DataWeights`): ``"box"``, each in
+        ``[0, 1]`` from 1; ``"simplex"``, non-negative with mean one, so weights can rise as well as fall.
+      seeds_per_step: fresh training seeds per meta-step, so the weights hold for the training run's
+        randomness, not for one batch order.
+      candidates_every: MGD's weights every this many meta-steps, its last and its best-seen weights are the
+        candidates (early stopping against fitting the validation half it optimizes).
+      selection_seeds: seeds on which the candidates are compared, by the validation loss of the *other*
+        half of the validation split after retraining on each one's subset.
+      eval_seeds: fresh seeds every method's subset is retrained and scored on.
+      k: REPLAY's branching factor.
+    """
+
+    keep_fraction: float = 0.7
+    meta_steps: int = 40
+    meta_lr: float = 0.05
+    constraint: str = "box"
+    seeds_per_step: int = 1
+    candidates_every: int = 10
+    selection_seeds: tuple = (500, 501)
+    eval_seeds: tuple = (1000, 1001, 1002, 1003, 1004)
+    k: int = 8
+    seed_start: int = 10_000
+
+    def __post_init__(self):
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}.")
+        if self.meta_steps < 1 or self.seeds_per_step < 1 or self.candidates_every < 1:
+            raise ValueError("meta_steps, seeds_per_step and candidates_every must be >= 1.")
+        used = set(range(self.seed_start, self.seed_start + self.meta_steps * self.seeds_per_step))
+        if used & (set(self.eval_seeds) | set(self.selection_seeds)) or set(self.eval_seeds) & set(self.selection_seeds):
+            raise ValueError("eval_seeds, selection_seeds and the seeds MGD trains from must be disjoint.")
+
+
+METHODS = ("mgd", "full", "random", "small_loss", "gradient_similarity")
+
+
+def search_subset(base: TrainingProblem, noisy: Dataset, flipped: np.ndarray | None = None,
+                  search: SubsetSearch = SubsetSearch(), *, store: RunStore | None = None,
+                  progress: bool = True) -> dict:
+    """MGD data selection against full data, a random subset, small-loss filtering and gradient similarity.
+
+    Engstrom et al. (arXiv 2503.13751, Sec. 5.1) optimize one weight per
+    training example by MGD and keep the largest. Here the metaobjective is the
+    validation loss on half of the validation split, averaged over fresh training
+    seeds; the other half decides which of MGD's weights to keep (every ``candidates_every``
+    meta-steps, the last, the best-seen): early stopping; every
+    method's subset (the same size) is retrained on ``eval_seeds``, and
+    ``"methods"`` maps each of :data:`METHODS` to mean and standard deviation of
+    ``val_loss`` (the whole validation split), ``test_loss`` and ``test_accuracy``.
+    ``flipped`` (the label noise, when known) only reports what each selection removed.
+    With ``store`` every stage is saved and a rerun resumes.
+    """
+    store_get = (lambda key: None) if store is None else store.get
+    store_put = (lambda key, value: None) if store is None else store.put
+    n = noisy.num_train
+    keep = max(1, int(round(search.keep_fraction * n)))
+    meta_half, select_half = split_validation(noisy)
+    learner = dataclasses.replace(base, data=meta_half, data_weights=DataWeights(constraint=search.constraint),
+                                  poison=None, lr_schedule=None)
+
+    def value_and_metagrad(meta, meta_step):
+        seeds = fresh_training_seeds(meta_step, search.seeds_per_step, search.seed_start)
+        return mean_value_and_metagrad(learner, meta, seeds, k=search.k)
+
+    snapshots = {}  # meta-step -> weights, every candidates_every meta-steps (kept in the store when there is one)
+
+    def keep_snapshot(meta_step, meta, record):
+        if (meta_step + 1) % search.candidates_every == 0 and meta_step + 1 < search.meta_steps:
+            snapshots[meta_step + 1] = np.asarray(meta["data_weights"])
+            if store is not None:
+                store.save_tree("candidates", meta_step + 1, meta, max_to_keep=None)
+
+    tic = time.perf_counter()
+    result = mgd(value_and_metagrad, learner.init_meta(), optimizer=optax.adam(search.meta_lr),
+                 num_meta_steps=search.meta_steps, project=learner.project_meta, store=store,
+                 pass_meta_step=True, progress=progress, callback=keep_snapshot)
+    if store is not None:
+        for step in store.tree_steps("candidates"):
+            if step not in snapshots:
+                snapshots[step] = np.asarray(store.restore_tree("candidates", learner.init_meta(), step)[1]["data_weights"])
+    mgd_seconds = float(sum(h["seconds"] for h in result.history)) if result.resumed_from else \
+        time.perf_counter() - tic
+    plain = dataclasses.replace(base, data_weights=None, poison=None, lr_schedule=None)
+
+    def scores(name, dataset, indices, seeds):
+        key = f"scores_{name}"
+        rows = store_get(key)
+        if rows is None:
+            problem = dataclasses.replace(plain, data=subset(dataset, indices))
+            rows = [evaluate_at_seed(problem, problem.init_meta(), s) for s in seeds]
+            store_put(key, rows)
+        return rows
+
+    candidates = {f"meta_step_{step}": w for step, w in sorted(snapshots.items())}
+    candidates.update({"last": np.asarray(result.meta["data_weights"]),
+                       "best_seen": np.asarray(result.best_meta["data_weights"])})
+    selection = {name: float(np.mean([r["val_loss"] for r in scores(f"select_{name}", select_half,
+                                                                       np.sort(top_weight_indices(w, keep)),
+                                                                       search.selection_seeds)]))
+                 for name, w in candidates.items()}
+    chosen = min(selection, key=selection.get)
+    weights = candidates[chosen]
+
+    def cached_indices(name, compute):
+        saved = store_get(f"indices_{name}")
+        if saved is None:
+            tic = time.perf_counter()
+            saved = {"indices": np.sort(compute()).tolist(), "seconds": time.perf_counter() - tic}
+            store_put(f"indices_{name}", saved)
+        return np.asarray(saved["indices"], np.int64), saved["seconds"]
+
+    rng = np.random.default_rng(1234)
+    selections, seconds = {}, {"mgd": mgd_seconds}
+    selections["mgd"] = np.sort(top_weight_indices(weights, keep))
+    selections["full"] = np.arange(n)
+    selections["random"] = np.sort(rng.choice(n, keep, replace=False))
+    selections["small_loss"], seconds["small_loss"] = cached_indices(
+        "small_loss", lambda: small_loss_indices(plain, noisy, keep))
+    selections["gradient_similarity"], seconds["gradient_similarity"] = cached_indices(
+        "gradient_similarity", lambda: gradient_similarity_indices(plain, noisy, keep))
+    per_seed = {name: scores(name, noisy, idx, search.eval_seeds) for name, idx in selections.items()}
+    methods = {name: mean_and_std(rows) for name, rows in per_seed.items()}
+    if flipped is not None and flipped.any():
+        for name, idx in selections.items():
+            removed = np.setdiff1d(np.arange(n), idx)
+            methods[name]["flipped_removed_fraction"] = float(flipped[removed].sum() / flipped.sum())
+    return {
+        "methods": methods, "per_seed": per_seed, "kept": keep,
+        "weights": weights.tolist(), "mgd_answer": chosen, "selection_val_loss": selection,
+        "mean_weight_flipped": float(weights[flipped].mean()) if flipped is not None and flipped.any() else None,
+        "mean_weight_clean": float(weights[~flipped].mean()) if flipped is not None else None,
+        "history": result.history, "resumed_from_meta_step": result.resumed_from, "seconds": seconds,
+        "search": dataclasses.asdict(search),
+    }
+
+
+def goals(report: dict) -> dict:
+    """The application's goal: MGD's subset above every baseline on mean test accuracy."""
+    mgd_ = report["methods"]["mgd"]["test_accuracy"]
+    return {"test_accuracy_above_every_baseline": all(
+        mgd_ > m["test_accuracy"] for name, m in report["methods"].items() if name != "mgd")}
+
+
+SMOKE_SEARCH = SubsetSearch(meta_steps=2, selection_seeds=(500,), eval_seeds=(1000, 1001))
+LABELS = {"mgd": "MGD", "full": "full data", "random": "random subset", "small_loss": "small-loss filter",
+          "gradient_similarity": "gradient similarity"}
+
+
+def report_table(report: dict) -> str:
+    """Each method's mean (± std over the evaluation seeds) and the share of flipped labels it removed."""
+    from ..report import format_table
+
+    rows = []
+    for name, m in report["methods"].items():
+        rows.append((LABELS.get(name, name), f"{m['val_loss']:.4f}", f"{m['test_loss']:.4f}",
+                     f"{m['test_accuracy']:.4f} ± {m['test_accuracy_std']:.4f}",
+                     f"{m['flipped_removed_fraction']:.3f}" if "flipped_removed_fraction" in m else "-"))
+    return format_table(("subset", "val loss", "test loss", "test acc", "flipped removed"), rows)
+
+
+def write_report(report: dict, out_dir: str) -> None:
+    """``result.json`` and ``data_selection.png`` (MGD's weights of clean and flipped examples; each method's
+    test accuracy) in ``out_dir``."""
+    import os
+
+    from ..report import pyplot, write_json
+
+    write_json(os.path.join(out_dir, "result.json"), report)
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    weights, flipped = np.asarray(report["weights"]), report.get("flipped")
+    bins = np.linspace(0, 1, 31)
+    if flipped is not None:
+        flipped = np.asarray(flipped, bool)
+        ax1.hist(weights[~flipped], bins=bins, alpha=0.7, label="clean labels")
+        ax1.hist(weights[flipped], bins=bins, alpha=0.7, label="flipped labels")
+        ax1.legend()
+    else:
+        ax1.hist(weights, bins=bins)
+    ax1.set(xlabel="learned data weight", ylabel="examples", title="MGD data weights")
+    names = list(report["methods"])
+    means = [report["methods"][n]["test_accuracy"] for n in names]
+    errs = [report["methods"][n]["test_accuracy_std"] for n in names]
+    ax2.bar(range(len(names)), means, yerr=errs, capsize=4)
+    ax2.set_xticks(range(len(names)), [LABELS.get(n, n) for n in names], rotation=15)
+    ax2.set(ylabel="test accuracy", title=f"{len(report['search']['eval_seeds'])} fresh training seeds",
+            ylim=(min(means) - 0.05, max(means) + 0.03))
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "data_selection.png"), dpi=120)
+    plt.close(fig)
+
+
+def run_on_data(data: str, out_dir: str, *, label_noise: float = 0.3, model: str = "mlp", num_steps: int = 500,
+                batch_size: int = 128, learning_rate: float = 0.03, search: SubsetSearch = SubsetSearch(),
+                smoke: bool = False, fresh: bool = False, progress: bool = True) -> dict:
+    """:func:`search_subset` on the dataset ``data`` (:func:`metagrad.data.load_dataset`, standardized) with
+    ``label_noise`` of its training labels flipped at random (seed 0), the default ``model`` of
+    :func:`metagrad.models.model_named`, momentum SGD (0.9) at ``learning_rate``; ``out_dir`` is the run's store
+    (a rerun resumes; other settings are refused) and gets ``result.json`` and ``data_selection.png``."""
+    if not 0 <= label_noise < 1:
+        raise ValueError(f"label_noise must be in [0, 1), got {label_noise}.")
+    if smoke:
+        search = SMOKE_SEARCH
+    settings = {"data": data, "label_noise": label_noise, "model": model, "num_steps": num_steps,
+                "batch_size": batch_size, "learning_rate": learning_rate, "smoke": smoke,
+                "search": dataclasses.asdict(search)}
+    store = RunStore(out_dir, settings, fresh=fresh)
+    dataset, base = problem_on_data(data, model=model, num_steps=num_steps, batch_size=batch_size, smoke=smoke,
+                                    optimizer=optax.sgd(learning_rate, momentum=0.9), lr_schedule=None)
+    noisy, flipped = flip_labels(dataset, label_noise, seed=0)
+    base = dataclasses.replace(base, data=noisy)
+    report = search_subset(base, noisy, flipped, search, store=store, progress=progress)
+    report.update({"data": data, "label_noise": label_noise, "model": model, "num_steps": base.num_steps,
+                   "batch_size": base.batch_size, "optimizer": f"SGD momentum 0.9, learning rate {learning_rate}",
+                   "smoke": smoke, "dataset": describe_dataset(dataset), "flipped": flipped.tolist()})
+    report["goals"] = goals(report)
+    write_report(report, out_dir)
+    return report

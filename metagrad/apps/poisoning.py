@@ -20,7 +20,7 @@ from ..meta import Poison
 from ..mgd import mgd
 from ..problem import train_and_evaluate
 from ..training import TrainingProblem
-from .common import mean_value_and_metagrad
+from .common import fresh_training_seeds, mean_value_and_metagrad
 
 
 def apply_poison(dataset: Dataset, spec: Poison, delta) -> Dataset:
@@ -74,7 +74,7 @@ def influential_subset(base: TrainingProblem, fraction: float, eps: float, *, se
 
 def fresh_attack_seeds(meta_step: int, seeds_per_step: int, start: int = FRESH_SEED_START) -> list[int]:
     """The training seeds of meta-step ``meta_step`` when every meta-step draws new ones (a function of the index)."""
-    return [start + meta_step * seeds_per_step + j for j in range(seeds_per_step)]
+    return fresh_training_seeds(meta_step, seeds_per_step, start)
 
 
 def expected_value_and_metagrad(problem: TrainingProblem, *, attack_seeds=(0, 1), seeds_per_step=None,
