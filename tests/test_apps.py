@@ -198,7 +198,7 @@ def test_audit_poison_command(tmp_path):
     np.save(tmp_path / "big.npy", 3 * delta + 5.0)
     with pytest.raises(ValueError, match="leaves the L-inf ball"):
         main(args + ["--out", str(rescored), "--poison", str(tmp_path / "big.npy")])
-    with pytest.raises(SystemExit, match="arrays 'x' and 'y'"):
+    with pytest.raises(ValueError, match="it needs 'x' and 'y'"):
         np.savez(tmp_path / "bad.npz", inputs=x)
         main(["audit-poison", "--data", str(tmp_path / "bad.npz"), "--out", str(out)])
 
