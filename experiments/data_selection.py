@@ -15,6 +15,7 @@ import argparse
 import os
 
 from metagrad.apps import data_selection as app
+from metagrad.apps.common import goals_line
 from metagrad.report import format_table, write_json
 
 
@@ -51,8 +52,7 @@ def main():
             for name, r in reports.items() for method, m in r["methods"].items()]
     print(format_table(("data", "subset", "test acc", "test loss", "flipped removed"), rows))
     for name, r in reports.items():
-        print(f"{name}: " + ", ".join(f"{g} {'met' if ok else 'NOT met'}" for g, ok in r["goals"].items())
-              + (" (smoke run: no goal is judged)" if args.smoke else ""))
+        print(f"{name}: " + goals_line(r["goals"], args.smoke))
     print(f"wrote {args.out}/summary.json (and each data set's result.json and data_selection.png)")
 
 

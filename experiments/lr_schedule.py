@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from metagrad.apps import lr_schedule as app
+from metagrad.apps.common import goals_line
 from metagrad.report import format_table, pyplot, write_json
 
 
@@ -75,8 +76,7 @@ def main():
                          f"{m['test_loss']:.4f} ± {m['test_loss_std']:.4f}", f"{m['test_accuracy']:.4f}"))
     print(format_table(("data", "schedule", "val loss", "test loss", "test acc"), rows))
     for name, r in reports.items():
-        print(f"{name}: " + ", ".join(f"{g} {'met' if ok else 'NOT met'}" for g, ok in r["goals"].items())
-              + (" (smoke run: no goal is judged)" if args.smoke else ""))
+        print(f"{name}: " + goals_line(r["goals"], args.smoke))
     print(f"wrote {args.out}/summary.json and lr_schedule.png")
 
 

@@ -185,17 +185,23 @@ def _demo(args) -> int:
     return 0 if report["final"]["val_loss"] <= report["initial"]["val_loss"] else 1
 
 
+def _print_outcome(table: str, report: dict, args, png: str) -> int:
+    """An application command's table, goals and files written (status 0)."""
+    from .apps.common import goals_line
+
+    print(table)
+    print("goals: " + goals_line(report["goals"], args.smoke))
+    print(f"wrote {os.path.join(args.out, 'result.json')} and {os.path.join(args.out, png)}")
+    return 0
+
+
 def _lr_schedule(args) -> int:
     from .apps import lr_schedule as app
 
     report = app.run_on_data(args.data, args.out, model=args.model, num_steps=args.num_steps,
                              batch_size=args.batch_size, search=app.ScheduleSearch(meta_steps=args.meta_steps),
                              smoke=args.smoke, fresh=args.fresh, progress=not args.no_progress)
-    print(app.report_table(report))
-    print("goals: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in report["goals"].items())
-          + (" (smoke run: no goal is judged)" if args.smoke else ""))
-    print(f"wrote {os.path.join(args.out, 'result.json')} and {os.path.join(args.out, 'lr_schedule.png')}")
-    return 0
+    return _print_outcome(app.report_table(report), report, args, "lr_schedule.png")
 
 
 def _select_data(args) -> int:
@@ -205,11 +211,7 @@ def _select_data(args) -> int:
                              num_steps=args.num_steps, batch_size=args.batch_size, learning_rate=args.lr,
                              search=app.SubsetSearch(keep_fraction=args.keep, meta_steps=args.meta_steps),
                              smoke=args.smoke, fresh=args.fresh, progress=not args.no_progress)
-    print(app.report_table(report))
-    print("goal: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in report["goals"].items())
-          + (" (smoke run: no goal is judged)" if args.smoke else ""))
-    print(f"wrote {os.path.join(args.out, 'result.json')} and {os.path.join(args.out, 'data_selection.png')}")
-    return 0
+    return _print_outcome(app.report_table(report), report, args, "data_selection.png")
 
 
 def _audit_poison(args) -> int:

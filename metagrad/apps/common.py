@@ -94,3 +94,9 @@ def describe_dataset(dataset) -> dict:
     """Split sizes and input shape, for a result file."""
     return {"name": dataset.name, "train": dataset.num_train, "val": len(dataset.y_val), "test": len(dataset.y_test),
             "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes}
+
+
+def goals_line(goals: dict, smoke: bool = False) -> str:
+    """``"name met, name NOT met"`` for an application's ``goals`` dict (a smoke run says no goal is judged)."""
+    return (", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in goals.items())
+            + (" (smoke run: no goal is judged)" if smoke else ""))
