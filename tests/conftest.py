@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 
 # The problems are tiny: on a GPU, keep each pytest worker (`pytest -n 2`) from preallocating most of its memory.
@@ -15,6 +16,20 @@ import optax
 import pytest
 
 import metagrad as mg
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """After each test file, drop JAX's compiled programs (the file's own tests reuse them; later files do not).
+
+    XLA's CPU backend maps every compiled program's code into the process. A test worker that kept every
+    program of every file it ran (``pytest -n 2 --dist loadfile``) passed Linux's default limit of 65,530
+    memory mappings (``vm.max_map_count``) after about a dozen minutes, and the next compilation then
+    crashed the worker with a segmentation fault. ``jax.clear_caches`` releases them.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def tiny_dataset(dtype=np.float32, n_train=32, features=6, classes=3, seed=0) -> mg.Dataset:

@@ -8,9 +8,6 @@ against ``jax.grad`` of the fully unrolled run and against central differences.
 """
 
 import dataclasses
-import os
-import subprocess
-import sys
 from typing import ClassVar
 
 import flax.linen as nn
@@ -177,37 +174,18 @@ def test_a_new_metaparameter_kind_needs_no_edit_elsewhere(x64):
     assert grad["weight_decay"].shape == (3,)
 
 
-ADAM_EPS_ROOT_CASE = """
-import dataclasses, sys
-sys.path.insert(0, {tests!r})
-import jax
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp, numpy as np, optax, pytest
-import metagrad as mg, replay
-from conftest import tiny_dataset
-data = tiny_dataset(np.float64)
-x_train = np.array(data.x_train)
-x_train[:, 0] = 0.0  # a feature that is always zero: its first-layer weights never get a gradient (nu = 0)
-data = dataclasses.replace(data, x_train=x_train)
-problem = mg.TrainingProblem(mg.MLP(hidden=(4,), num_classes=3), optax.adam(1e-2), data, num_steps=4,
-                             batch_size=8, lr_schedule=mg.LRSchedule(2), param_dtype=jnp.float64)
-with pytest.raises(replay.NonFiniteMetagradError, match="eps_root"):
-    problem.value_and_metagrad(problem.init_meta(), k=2)
-fixed = dataclasses.replace(problem, optimizer=optax.adam(1e-2, eps_root=1e-12))
-_, grad = fixed.value_and_metagrad(fixed.init_meta(), k=2)
-assert bool(jnp.all(jnp.isfinite(grad["lr_schedule"])))
-print("RESULT ok")
-"""
-
-
-def test_adam_without_eps_root_names_the_fix():
-    """Run in a fresh process: in a long-lived test worker (after the interactive and transfer files) XLA's CPU
-    compiler (jaxlib 0.10.2) segfaulted compiling this case's float64 backward pass, reproducibly; alone it never did."""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", ADAM_EPS_ROOT_CASE.format(tests=tests)], capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "RESULT ok" in proc.stdout
+def test_adam_without_eps_root_names_the_fix(x64):
+    data = tiny_dataset(np.float64)
+    x_train = np.array(data.x_train)
+    x_train[:, 0] = 0.0  # a feature that is always zero: its first-layer weights never get a gradient (nu = 0)
+    data = dataclasses.replace(data, x_train=x_train)
+    problem = mg.TrainingProblem(mg.MLP(hidden=(4,), num_classes=3), optax.adam(1e-2), data, num_steps=4,
+                                 batch_size=8, lr_schedule=mg.LRSchedule(2), param_dtype=jnp.float64)
+    with pytest.raises(replay.NonFiniteMetagradError, match="eps_root"):
+        problem.value_and_metagrad(problem.init_meta(), k=2)
+    fixed = dataclasses.replace(problem, optimizer=optax.adam(1e-2, eps_root=1e-12))
+    _, grad = fixed.value_and_metagrad(fixed.init_meta(), k=2)
+    assert bool(jnp.all(jnp.isfinite(grad["lr_schedule"])))
 
 
 def test_the_optimizer_must_be_an_optax_transformation():
