@@ -18,8 +18,26 @@ import pytest
 import metagrad as mg
 
 
+#: Memory mappings after which a test's end releases JAX's compiled programs (Linux allows 65,530 by default).
+MAX_MAPPINGS = 20000
+
+
+def memory_mappings() -> int:
+    """How many memory mappings this process holds (0 where ``/proc`` does not say)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def release_compiled_programs() -> None:
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(autouse=True, scope="module")
-def release_compiled_programs():
+def release_compiled_programs_after_each_file():
     """After each test file, drop JAX's compiled programs (the file's own tests reuse them; later files do not).
 
     XLA's CPU backend maps every compiled program's code into the process. A test worker that kept every
@@ -28,8 +46,15 @@ def release_compiled_programs():
     crashed the worker with a segmentation fault. ``jax.clear_caches`` releases them.
     """
     yield
-    jax.clear_caches()
-    gc.collect()
+    release_compiled_programs()
+
+
+@pytest.fixture(autouse=True)
+def bound_memory_mappings():
+    """Within a file too: one file's programs alone (test_exactness) came near the limit."""
+    yield
+    if memory_mappings() > MAX_MAPPINGS:
+        release_compiled_programs()
 
 
 def tiny_dataset(dtype=np.float32, n_train=32, features=6, classes=3, seed=0) -> mg.Dataset:

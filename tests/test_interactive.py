@@ -134,7 +134,7 @@ def test_divergence_pauses_at_last_finite_state_and_a_checkpoint_rescues(tmp_pat
     log = str(tmp_path / "div.jsonl")
     tr = Trainer(build_problem(SPEC), spec=SPEC, log_path=log, eval_every=0)
     tr.submit({"command": "save_checkpoint", "name": "start"})
-    tr.submit({"command": "set_hyperparams", "values": {"learning_rate": 50.0}})
+    tr.submit({"command": "set_hyperparams", "values": {"learning_rate": 10.0}})
     tr.apply_pending_commands()
     steps = 0
     while tr.step_once():
@@ -223,6 +223,8 @@ def test_background_thread_applies_commands_between_steps(tmp_path):
             time.sleep(0.01)
         done = tr.command_record(rec["id"])
         assert done["status"] == "succeeded"
+        while not any(m["step"] >= done["step"] for m in list(tr.metrics)) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the step after the command
         lrs = [m["lr"] for m in list(tr.metrics) if m["step"] >= done["step"]]
         assert lrs and all(lr == pytest.approx(0.125) for lr in lrs)
         assert all(m["lr"] == pytest.approx(0.05) for m in list(tr.metrics) if m["step"] < done["step"])

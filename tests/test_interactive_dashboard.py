@@ -81,6 +81,10 @@ def test_dashboard_changes_lr_and_forks_a_branch(page_and_run, tmp_path):
     assert trainer.branch == 1 and trainer.branches[1]["fork_step"] == saved_step
     assert os.path.isdir(tmp_path / "ckpt" / "trees" / "page-ckpt")  # saved in the run's store
 
+    # every command's final status is shown (a late 202 "requested" never overwrites a "succeeded")
+    assert wait_for(lambda: page.evaluate(
+        "() => [...document.querySelectorAll('#command-list li')].every(li => li.className !== 'pending')"))
+
     # the charts received metrics and the page raised no script error
     assert page.evaluate("() => state.metrics.length") > 0
     assert errors == []
@@ -90,5 +94,14 @@ def test_dashboard_changes_lr_and_forks_a_branch(page_and_run, tmp_path):
 
 def test_dashboard_without_token_shows_how_to_get_in(page_and_run):
     page, trainer, server, errors = page_and_run
-    page.goto(server.base_url + "/", timeout=30000)
-    assert "valid token is required" in page.content()
+    # this page got in through the printed link: its token now rides in a session cookie, not in the URL
+    sync_api.expect(page.locator("#ws-state")).to_have_text("ws: live", timeout=30000)
+    assert "token" not in page.url
+    assert page.evaluate("() => document.cookie") == ""  # HttpOnly: the page's scripts cannot read it
+    page.reload()
+    sync_api.expect(page.locator("#ws-state")).to_have_text("ws: live", timeout=30000)
+    # a browser that never had the link is refused, and told how to get in
+    other = page.context.browser.new_context().new_page()
+    other.goto(server.base_url + "/", timeout=30000)
+    assert "valid token is required" in other.content()
+    other.context.close()

@@ -9,7 +9,8 @@ after a divergence) to ``POST /api/commands``.
 
 Policies shipped:
 
-- :class:`RuleAgent`: halve the LR on a loss spike or divergence, double it on a plateau.
+- :class:`RuleAgent`: halve the LR on a loss spike or divergence, restart from the start at half the LR
+  when the run has learned nothing, double it on a plateau.
 - :class:`OpenAIChatAgent`: sends the paper-style prompt (recent LR, train and validation
   loss histories) to any OpenAI-compatible ``/chat/completions`` endpoint and parses a
   JSON action.
@@ -25,8 +26,10 @@ import threading
 import time
 
 ACTIONS = ("Double", "Half", "Same")
-#: The rule agent may also roll back to its best checkpoint (and halve the LR) when the loss blows up.
+#: The rule agent may also roll back to its best checkpoint (and halve the LR) when the loss blows up,
 ROLLBACK = "Rollback"
+#: or go back to the start of the run (and halve the LR) when the run has learned nothing.
+RESTART = "Restart"
 
 
 @dataclasses.dataclass
@@ -42,6 +45,8 @@ class AgentView:
     diverged: bool = False
     has_checkpoint: bool = False
     lr_ceiling: float = float("inf")  # the lowest LR the agent has had to halve: it never doubles back to it
+    initial_loss: float | None = None  # the mean train loss of the run's first window (what "learned nothing" means)
+    can_restart: bool = False  # the runner holds a checkpoint of the run's start
 
 
 def _mean(xs):
@@ -50,20 +55,25 @@ def _mean(xs):
 
 @dataclasses.dataclass
 class RuleAgent:
-    """Halve the LR on a loss spike or divergence, double it on a plateau, else keep it.
+    """Halve the LR on a loss spike or divergence, restart when nothing is learned, double it on a plateau.
 
     Spike: the mean train loss of the last ``window`` steps is above ``spike_ratio`` times the window
     before, or non-finite. Blow-up: the run diverged, or the window mean is above ``blowup_ratio`` times
     the best window mean of the history; then, when the runner holds a checkpoint taken at that best
-    point, the action is ``"Rollback"`` (load it and halve the LR), else ``"Half"``. Plateau: the relative
-    change between the two windows is below ``plateau_tol``. Each change is judged on ``window`` fresh
-    steps before the next; the LR stays within ``[min_lr, max_lr]``.
+    point, the action is ``"Rollback"`` (load it and halve the LR), else ``"Half"``. Learned nothing:
+    ``stall_steps`` steps at this LR and the window mean is still within ``stall_tol`` of the run's first
+    window (a too-high LR that keeps the loss at chance without diverging); then ``"Restart"`` (back to
+    the start of the run at half the LR) when the runner holds the start, else ``"Half"``. Plateau: the
+    relative change between the two windows is below ``plateau_tol``. Each change is judged on ``window``
+    fresh steps before the next; the LR stays within ``[min_lr, max_lr]``.
     """
 
     window: int = 10
     spike_ratio: float = 1.3
     blowup_ratio: float = 2.0
     plateau_tol: float = 0.002
+    stall_steps: int = 100
+    stall_tol: float = 0.05
     min_lr: float = 1e-5
     max_lr: float = 1.0
 
@@ -84,6 +94,9 @@ class RuleAgent:
             return ROLLBACK
         if (r > self.spike_ratio * b or r > self.blowup_ratio * best) and can_halve:
             return "Half"
+        if (view.initial_loss is not None and view.steps_since_change >= self.stall_steps and can_halve
+                and r >= (1 - self.stall_tol) * view.initial_loss):
+            return RESTART if view.can_restart else "Half"
         if (abs(r - b) <= self.plateau_tol * abs(b) and lr is not None and lr * 2 <= self.max_lr
                 and lr * 2 < view.lr_ceiling):
             return "Double"
@@ -187,7 +200,9 @@ class AgentRunner:
         self._branch = None
         self.checkpoints = checkpoints
         self.best_checkpoint: str | None = None
+        self.start_checkpoint: str | None = None
         self._best_window = float("inf")
+        self._first_losses: list = []
 
     # -- the API
     def _post(self, command: dict) -> dict | None:
@@ -213,6 +228,7 @@ class AgentRunner:
         if kind == "metrics":
             if self._branch is not None and ev["branch"] != self._branch:
                 self.view.steps_since_change = 0  # a new branch: judge it on fresh steps
+                self._last_decision_step = ev["step"]  # (its steps may count from before the last decision)
             self._branch = ev["branch"]
             self.view.step = ev["step"] + 1
             if self.view.lr and ev["lr"] != self.view.lr[-1]:
@@ -220,12 +236,17 @@ class AgentRunner:
             self.view.steps_since_change += 1
             self.view.lr.append(ev["lr"])
             self.view.train_loss.append(ev["train_loss"])
+            self._first_losses.append(ev["train_loss"])
+            w = getattr(self.policy, "window", self.every)
+            if self.view.initial_loss is None and len(self._first_losses) >= w:
+                self.view.initial_loss = _mean(self._first_losses[:w])
             if self.checkpoints and self.best_checkpoint is None and math.isfinite(ev["train_loss"]):
                 # the first rollback target: (about) the start, with its loss as the bar later ones must beat
                 name = f"agent-start-{ev['step'] + 1}"
                 if self._post({"command": "save_checkpoint", "name": name}) is not None:
                     self.best_checkpoint, self._best_window = name, ev["train_loss"]
-                    self.view.has_checkpoint = True
+                    self.start_checkpoint = name
+                    self.view.has_checkpoint = self.view.can_restart = True
             self._trim(self.view.lr)
             self._trim(self.view.train_loss)
             if self.view.step - self._last_decision_step >= self.every:
@@ -258,10 +279,11 @@ class AgentRunner:
         action = self.policy.decide(self.view)
         lr = self.view.lr[-1] if self.view.lr else None
         command_id = None
-        if action in (ROLLBACK, "Half") and lr is not None:
+        if action in (ROLLBACK, RESTART, "Half") and lr is not None:
             self.view.lr_ceiling = min(self.view.lr_ceiling, lr)
-        if action == ROLLBACK and self.best_checkpoint is not None and lr is not None:
-            self._post({"command": "load_checkpoint", "checkpoint": self.best_checkpoint})
+        target = {ROLLBACK: self.best_checkpoint, RESTART: self.start_checkpoint}.get(action)
+        if target is not None and lr is not None:
+            self._post({"command": "load_checkpoint", "checkpoint": target})
             rec = self._post({"command": "set_hyperparams", "values": {"learning_rate": lr / 2}})
             command_id = rec["id"] if rec else None
             self.view.steps_since_change = 0

@@ -25,7 +25,8 @@ from ..cli import (UsageError, branching_factor, existing_file, nonnegative_floa
 def add_interactive_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("interactive", help="train the built-in problem under a control server, dashboard and agent")
     p.add_argument("--out", type=output_folder, default="metagrad_interactive",
-                   help="folder for the intervention log and checkpoints (default: ./metagrad_interactive)")
+                   help="folder for the intervention log and checkpoints (default: ./metagrad_interactive); when it "
+                        "holds an earlier run, this run goes to the next free OUT-2, OUT-3, ... (never overwritten)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=port_number, default=8765, help="port (0: any free one)")
     p.add_argument("--num-steps", type=positive_int, help="training steps (default 3000)")
@@ -118,6 +119,34 @@ def _check_port(host: str, port: int) -> None:
         sock.close()
 
 
+def new_run_folder(out: str) -> str:
+    """``out`` when it holds no run yet, else the first of ``out-2``, ``out-3``, ... that holds none.
+
+    A run folder holds the intervention log and the checkpoints that the log's ``load_checkpoint`` lines name,
+    so a rerun must never write into an earlier run's folder."""
+    def holds_run(folder):
+        return os.path.exists(os.path.join(folder, "interventions.jsonl")) or os.path.exists(
+            os.path.join(folder, "checkpoints"))
+
+    candidate, number = out, 1
+    while holds_run(candidate):
+        number += 1
+        candidate = f"{out.rstrip(os.sep)}-{number}"
+    return candidate
+
+
+def end_on_signals(trainer) -> None:
+    """SIGTERM (and SIGHUP) stop the run like Ctrl-C: the loop ends and the log gets its end record."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
+
+
 def run_interactive(args) -> int:
     # Everything that can fail on an ordinary mistake is checked before the log is opened or anything is trained.
     _check_extra(args.agent)
@@ -132,10 +161,13 @@ def run_interactive(args) -> int:
     from .trainer import Trainer
 
     spec = _spec(args)
-    os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, "interventions.jsonl")
+    out = new_run_folder(args.out)
+    if out != args.out:
+        print(f"{args.out} holds an earlier run (kept as it is); this run writes to {out}", flush=True)
+    os.makedirs(out, exist_ok=True)
+    log_path = os.path.join(out, "interventions.jsonl")
     trainer = Trainer(build_problem(spec), spec=spec, log_path=log_path,
-                      checkpoint_dir=os.path.join(args.out, "checkpoints"), eval_every=args.eval_every,
+                      checkpoint_dir=os.path.join(out, "checkpoints"), eval_every=args.eval_every,
                       min_step_seconds=args.step_delay, start_paused=args.paused)
     try:
         server = ControlServer(trainer, host=args.host, port=args.port).start()
@@ -150,6 +182,7 @@ def run_interactive(args) -> int:
     print(f"API: {server.base_url}/api/run (header 'Authorization: Bearer {server.token}'); "
           f"OpenAPI at {server.base_url}/openapi.json?token={server.token}", flush=True)
     print(f"intervention log: {log_path}  (replay: metagrad replay-log {log_path})", flush=True)
+    end_on_signals(trainer)
     trainer.start()
     agent = None
     if args.agent != "none":
@@ -161,8 +194,8 @@ def run_interactive(args) -> int:
             if args.exit_when_done and trainer.status == "finished":
                 trainer.request_stop()
             time.sleep(0.2)
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
+    except KeyboardInterrupt as why:
+        print(f"stopping ({why or 'SIGINT'})", flush=True)
         trainer.request_stop()
     trainer.join(30)
     end = trainer.finish()
@@ -190,7 +223,14 @@ def run_replay_log(args) -> int:
         print("matches the logged run bitwise" if result.matches else
               f"DIFFERS from the logged run (logged {result.end['fingerprint']})")
     if args.metagrad:
-        m = intervention_metagradients(args.log, k=args.k)
+        import replay
+
+        try:
+            m = intervention_metagradients(args.log, k=args.k)
+        except (replay.DivergenceError, replay.NonFiniteMetagradError) as err:
+            raise UsageError("--metagrad: the metagradient through this run's history is not finite (the run "
+                             f"blew up: {str(err).splitlines()[0]}); replay a log whose final state a checkpoint "
+                             "load brought back from the blow-up, or drop --metagrad") from None
         print(f"validation loss of the final state: {m['val_loss']:.6f} ({m['num_steps']} steps of history)")
         print(f"{'seq':>5} {'command':>16} {'step':>6} {'branch':>6} {'lr':>10} {'steps':>6} {'dval/dlr':>12}")
         for row in m["interventions"]:

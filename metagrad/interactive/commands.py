@@ -19,6 +19,41 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 MAX_APPEND_EXAMPLES = 1024
 #: Largest finite magnitude accepted for a hyperparameter value.
 MAX_HYPERPARAM = 1e6
+#: Declared ranges ``(low, high, low_inclusive, high_inclusive)`` of the hyperparameters optax's optimizers take;
+#: a value outside is refused (a negative or huge LR ruins a run while its loss stays finite).
+HYPERPARAM_RANGES = {
+    "learning_rate": (0.0, 10.0, False, True),
+    "momentum": (0.0, 1.0, True, False),
+    "b1": (0.0, 1.0, True, False),
+    "b2": (0.0, 1.0, True, False),
+    "decay": (0.0, 1.0, True, False),
+    "weight_decay": (0.0, 10.0, True, True),
+    "eps": (0.0, 1.0, False, True),
+    "eps_root": (0.0, 1.0, True, True),
+}
+
+
+def check_hyperparam(name: str, value) -> float:
+    """``value`` as a float when it is a number in ``name``'s declared range; else ``ValueError`` naming the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"hyperparameter {name!r} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or abs(value) > MAX_HYPERPARAM:
+        raise ValueError(f"hyperparameter {name!r} must be finite with |value| <= {MAX_HYPERPARAM:g}, got {value}")
+    if name in HYPERPARAM_RANGES:
+        low, high, low_in, high_in = HYPERPARAM_RANGES[name]
+        ok = (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
+        if not ok:
+            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            raise ValueError(f"hyperparameter {name!r} must be in {interval}, got {value:g}")
+    return value
+
+
+def checkpoint_name(name: str) -> str:
+    """A checkpoint name: letters, digits, ``_ . -``, not only dots (``.`` and ``..`` name folders)."""
+    if not name.strip("."):
+        raise ValueError(f"checkpoint name {name!r} is only dots: use letters or digits too")
+    return name
 
 STATUSES = ("requested", "running", "succeeded", "failed")
 
@@ -33,13 +68,17 @@ class SetHyperparams(_Command):
     command: Literal["set_hyperparams"]
     values: dict[Annotated[str, Field(min_length=1, max_length=64)], float] = Field(min_length=1, max_length=16)
 
-    @field_validator("values")
+    @field_validator("values", mode="before")
     @classmethod
-    def _finite(cls, values):
+    def _in_range(cls, values):
+        if not isinstance(values, dict):
+            return values  # the type check below names the problem
+        out = {}
         for name, value in values.items():
-            if not math.isfinite(value) or abs(value) > MAX_HYPERPARAM:
-                raise ValueError(f"hyperparameter {name!r} must be finite with |value| <= {MAX_HYPERPARAM:g}, got {value}")
-        return values
+            if isinstance(value, str):
+                raise ValueError(f"hyperparameter {name!r} must be a valid number, got {value!r}")
+            out[name] = check_hyperparam(name, value)
+        return out
 
 
 class Pause(_Command):
@@ -66,12 +105,22 @@ class SaveCheckpoint(_Command):
     command: Literal["save_checkpoint"]
     name: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
 
+    @field_validator("name")
+    @classmethod
+    def _not_only_dots(cls, name):
+        return None if name is None else checkpoint_name(name)
+
 
 class LoadCheckpoint(_Command):
     """Restore a checkpoint; the run continues on a new branch forked at the checkpoint's step."""
 
     command: Literal["load_checkpoint"]
     checkpoint: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _not_only_dots(cls, name):
+        return checkpoint_name(name)
 
 
 class ResetLayer(_Command):

@@ -22,6 +22,8 @@ import threading
 import jax
 import numpy as np
 
+from .wire import dumps
+
 
 def fingerprint(tree) -> str:
     """SHA-256 over the bytes, shapes and dtypes of every leaf of a pytree (bitwise identity check)."""
@@ -35,7 +37,9 @@ def fingerprint(tree) -> str:
 
 
 class InterventionLog:
-    """Appends JSON lines to ``path`` (or keeps them in memory only when ``path`` is ``None``)."""
+    """Appends JSON lines to a new file ``path`` (or keeps them in memory only when ``path`` is ``None``).
+
+    An existing file is never overwritten: ``FileExistsError`` says so (an earlier run's log stays whole)."""
 
     def __init__(self, path: str | None):
         self.path = path
@@ -44,13 +48,17 @@ class InterventionLog:
         self._file = None
         if path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._file = open(path, "w")
+            try:
+                self._file = open(path, "x")
+            except FileExistsError:
+                raise FileExistsError(f"{path} holds an earlier run's intervention log; it is never overwritten: "
+                                      "write this run's log to a new path.") from None
 
     def write(self, record: dict) -> None:
         with self._lock:
             self.records.append(record)
             if self._file is not None:
-                self._file.write(json.dumps(record) + "\n")
+                self._file.write(dumps(record) + "\n")
                 self._file.flush()
 
     def interventions(self) -> list[dict]:

@@ -7,9 +7,16 @@ succeeds is written to the :class:`~metagrad.interactive.log.InterventionLog`
 with the step before which it took effect and the branch, so
 :func:`metagrad.interactive.replay_log.replay_log` reproduces the run exactly.
 
-Divergence guard: a step whose loss or parameters are non-finite is not
-committed; the run pauses (``status: diverged``) at the last finite state, so a
-command (lower LR, load a checkpoint) can rescue it.
+Divergence guard: a step whose loss or parameters are non-finite, or whose loss
+blew up while staying finite (:data:`BLOWUP_FACTOR` times the median of the
+recent losses, or more), is not committed; the run pauses (``status:
+diverged``) at the last good state, so a command (lower LR, load a checkpoint)
+can rescue it.
+
+Locking: only the trainer's own thread changes the run (steps and commands run
+there), so a step or a long command (``suggest_lr``, ``evaluate``) computes
+from a snapshot without holding the lock, and takes it only to commit. Readers
+(the server's requests, the WebSocket) never wait on a computation.
 """
 
 from __future__ import annotations
@@ -37,6 +44,13 @@ from .problems import interactive_problem
 MAX_EVENTS = 20000
 MAX_COMMAND_RECORDS = 2000
 MAX_QUEUED = 256
+#: Checkpoints a run without a checkpoint folder may hold in memory.
+MAX_MEMORY_CHECKPOINTS = 16
+#: A finite loss at least this many times the median of the last :data:`BLOWUP_WINDOW` losses is a divergence.
+BLOWUP_FACTOR = 1e3
+BLOWUP_WINDOW = 50
+#: Commands that only read the run: computed outside the lock, from a snapshot.
+READ_ONLY = frozenset({"evaluate", "suggest_lr"})
 
 
 def _copy_state(state):
@@ -69,6 +83,7 @@ class Trainer:
         self.store = RunStore(self.checkpoint_dir) if checkpoint_dir else None
         self.log = InterventionLog(log_path)
         self._lock = threading.RLock()
+        self._events_lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._queue: collections.deque = collections.deque()
         self._ids = itertools.count(1)
@@ -100,6 +115,7 @@ class Trainer:
         self.data_version = 0       # bumped when the data or the mixture changes
         self.trace: list | None = None  # per-step record of what each step ran with (replay fills it)
         self._dirty = False         # the state was edited (layer reset) since the last step
+        self.message: str | None = None  # why the run paused by itself (a divergence), for the dashboard
         self.log.write({"kind": "header", "spec": spec, "num_steps": self.num_steps,
                         "initial_hyperparams": self.hyperparams(), "layers": self.layers,
                         "fingerprint0": fingerprint(self.state)})
@@ -113,7 +129,8 @@ class Trainer:
         with self._lock:
             return {"step": self.t, "num_steps": self.num_steps, "branch": self.branch, "status": self.status,
                     "paused": self.paused, "stopped": self.stopped, "hyperparams": self.hyperparams(),
-                    "last_eval": self.last_eval, "error": self.error, "log_path": self.log.path,
+                    "last_eval": self.last_eval, "error": self.error, "message": self.message,
+                    "log_path": self.log.path,
                     "num_branches": len(self.branches), "num_checkpoints": len(self.checkpoints),
                     "event_seq": self._event_seq}
 
@@ -155,13 +172,13 @@ class Trainer:
 
     # ---------------------------------------------------------------- events
     def _emit(self, event: dict) -> None:
-        with self._lock:
+        with self._events_lock:
             self._event_seq += 1
             event = {"seq": self._event_seq, "time": time.time(), **event}
             self._events.append(event)
 
     def events_since(self, seq: int, limit: int = 1000) -> list:
-        with self._lock:
+        with self._events_lock:
             if self._events and self._events[0]["seq"] > seq + 1:
                 seq = self._events[0]["seq"] - 1
             out = [e for e in self._events if e["seq"] > seq]
@@ -244,8 +261,11 @@ class Trainer:
     def _run_command(self, record, command):
         self._set_status(record, "running", step=self.t, branch=self.branch)
         try:
-            with self._lock:
+            if command.command in READ_ONLY:  # long: computed from a snapshot, without holding the lock
                 result = self.apply(command)
+            else:
+                with self._lock:
+                    result = self.apply(command)
         except Exception as err:  # a failed command leaves the run as it was
             self._set_status(record, "failed", reason=f"{type(err).__name__}: {err}" if not isinstance(
                 err, CommandError) else str(err))
@@ -272,7 +292,8 @@ class Trainer:
                  "mutating": command.command not in NON_MUTATING}
         if command.command == "save_checkpoint":
             entry["checkpoint"] = result["checkpoint"]["id"]
-        self.log.write(entry)
+        with self._lock:
+            self.log.write(entry)
         return result
 
     # -- handlers (run under the lock, in the trainer thread)
@@ -306,6 +327,9 @@ class Trainer:
         ckpt_id = cmd.name or f"ckpt-{len(self.checkpoints) + 1}"
         if ckpt_id in self.checkpoints:
             raise CommandError(f"checkpoint {ckpt_id!r} exists already: choose another name.")
+        if self.store is None and len(self.checkpoints) >= MAX_MEMORY_CHECKPOINTS:
+            raise CommandError(f"this run keeps checkpoints in memory and holds {MAX_MEMORY_CHECKPOINTS} already: "
+                               "give the Trainer a checkpoint_dir (metagrad interactive always does) to keep more.")
         snapshot = _copy_state(self.state)
         path = None
         if self.store is not None:  # on disk, in the run's store; only the state's shapes stay in memory
@@ -412,34 +436,55 @@ class Trainer:
         self.data_weights = weights.astype(dtype)
 
     def _cmd_suggest_lr(self, cmd):
-        return suggest_lr(self.problem, self.state, self.frozen, self.data_weights, self.t, cmd.window)
+        with self._lock:
+            problem, state, frozen, weights, t = self.problem, self.state, dict(self.frozen), self.data_weights, self.t
+        return suggest_lr(problem, state, frozen, weights, t, cmd.window)
 
     # ------------------------------------------------------------------ steps
     def evaluate(self) -> dict:
         """Validation loss and accuracy of the current state (also recorded as the latest evaluation)."""
-        loss, acc = steps_lib.evaluate(self.problem, self.state["params"])
-        result = {"step": self.t, "branch": self.branch, "val_loss": float(loss), "val_accuracy": float(acc)}
-        self.last_eval = result
-        self.evals.append(result)
+        with self._lock:
+            problem, params, step, branch = self.problem, self.state["params"], self.t, self.branch
+        loss, acc = steps_lib.evaluate(problem, params)
+        result = {"step": step, "branch": branch, "val_loss": float(loss), "val_accuracy": float(acc)}
+        with self._lock:
+            self.last_eval = result
+            self.evals.append(result)
         self._emit({"type": "eval", **result})
         return result
 
+    def _blew_up(self, loss: float) -> bool:
+        """A finite loss :data:`BLOWUP_FACTOR` times the median of the recent committed losses, or more."""
+        recent = [m["train_loss"] for m in itertools.islice(reversed(self.metrics), BLOWUP_WINDOW)
+                  if m["branch"] == self.branch]
+        if len(recent) < 5:
+            return False
+        median = float(np.median(recent))
+        return median > 0 and loss >= BLOWUP_FACTOR * median
+
     def step_once(self) -> bool:
-        """One training step under the lock; ``False`` when it diverged (the state is not committed)."""
+        """One training step, computed outside the lock and committed under it; ``False`` when it diverged
+        (non-finite, or a finite blow-up): then the state is not committed and the run pauses."""
+        tic = time.perf_counter()
         with self._lock:
-            tic = time.perf_counter()
             frozen = {layer: np.bool_(f) for layer, f in self.frozen.items()}
-            new, m = steps_lib.train_step(self.problem, self.state, frozen, self.data_weights, np.int32(self.t))
-            finite = bool(m["finite"])
-            record = {"step": self.t, "branch": self.branch, "train_loss": float(m["train_loss"]),
+            problem, state, weights, t = self.problem, self.state, self.data_weights, self.t
+        new, m = steps_lib.train_step(problem, state, frozen, weights, np.int32(t))
+        finite, loss = bool(m["finite"]), float(m["train_loss"])
+        with self._lock:
+            record = {"step": self.t, "branch": self.branch, "train_loss": loss,
                       "grad_norm": float(m["grad_norm"]), "lr": self.hyperparams()["learning_rate"],
                       "step_time": time.perf_counter() - tic}
-            if not finite:
+            blew_up = finite and self._blew_up(loss)
+            if not finite or blew_up:
                 self.paused, self.status = True, "diverged"
-                self._emit({"type": "status", "status": "diverged", "step": self.t,
-                            "message": f"step {self.t} gave a non-finite loss or parameters; the run is paused at "
-                                       "the last finite state: lower the LR or load a checkpoint, then resume."})
+                what = (f"a loss of {loss:.3g}, over {BLOWUP_FACTOR:g} times its recent median" if blew_up
+                        else "a non-finite loss or parameters")
+                self.message = (f"step {self.t} gave {what}; the run is paused at the last good state: lower the LR "
+                                "or load a checkpoint, then resume.")
+                self._emit({"type": "status", "status": "diverged", "step": self.t, "message": self.message})
                 return False
+            self.message = None
             if self.trace is not None:
                 self.trace.append({"branch": self.branch, "t": self.t, "hyperparams": self.hyperparams(),
                                    "frozen": dict(self.frozen), "lr_source": self.lr_source,
@@ -449,12 +494,14 @@ class Trainer:
             self.t += 1
             self.metrics.append(record)
             self._emit({"type": "metrics", **record})
-            if self.eval_every and self.t % self.eval_every == 0:
-                self.evaluate()
+            due = bool(self.eval_every and self.t % self.eval_every == 0)
+        if due:
+            self.evaluate()
+        with self._lock:
             if self.t >= self.num_steps:
                 self.status = "finished"
                 self._emit({"type": "status", "status": "finished", "step": self.t})
-            return True
+        return True
 
     def _loop(self) -> None:
         try:

@@ -1,15 +1,17 @@
 // metagrad interactive dashboard: REST for state and commands, a WebSocket for the live event stream.
 "use strict";
-const params = new URLSearchParams(location.search);
-const TOKEN = params.get("token") || "";
+// The printed link carries ?token=; the server answered it with an HttpOnly session cookie, so the page drops
+// the token from its URL (and the browser's history) and every call below rides on the cookie.
+if (new URLSearchParams(location.search).has("token")) history.replaceState(null, "", location.pathname);
 const COLORS = ["#1a56db", "#d9480f", "#2b8a3e", "#862e9c", "#c2255c", "#0b7285", "#5c940d", "#e67700"];
 const state = { metrics: [], evals: [], run: null, hyper: {}, lastSeq: 0, drawQueued: false };
 
+class ApiError extends Error { constructor(status, message) { super(message); this.status = status; } }
+
 async function api(path, options = {}) {
-  const headers = Object.assign({ "X-Token": TOKEN }, options.headers || {});
-  const res = await fetch(path, Object.assign({}, options, { headers }));
+  const res = await fetch(path, Object.assign({ credentials: "same-origin" }, options));
   const body = await res.json().catch(() => ({}));
-  if (!res.ok) throw new Error(typeof body.detail === "string" ? body.detail : res.status + " " + JSON.stringify(body));
+  if (!res.ok) throw new ApiError(res.status, typeof body.detail === "string" ? body.detail : res.status + " " + JSON.stringify(body));
   return body;
 }
 
@@ -26,9 +28,13 @@ async function send(command) {
 }
 
 const commandItems = new Map();
+// requested -> running -> succeeded | failed: a record never moves back (the POST's 202 "requested" can arrive
+// after the WebSocket's "succeeded")
+const STATUS_RANK = { requested: 0, running: 1, succeeded: 2, failed: 2 };
 function noteCommand(rec) {
   const list = document.getElementById("command-list");
   let li = commandItems.get(rec.id);
+  if (li && rec.id !== "–" && (STATUS_RANK[li.dataset.status] ?? 0) > (STATUS_RANK[rec.status] ?? 0)) return;
   if (!li || rec.id === "–") { li = document.createElement("li"); list.prepend(li); if (rec.id !== "–") commandItems.set(rec.id, li); }
   const cls = rec.status === "succeeded" ? "ok" : rec.status === "failed" ? "failed" : "pending";
   li.className = cls;
@@ -45,16 +51,16 @@ function showSuggestion(r) {
   el.innerHTML = "";
   const p = document.createElement("div");
   p.id = "suggest-text";
-  p.textContent = `d val_loss / d LR = ${r.dval_dlr.toExponential(3)} over the next ${r.window} steps ` +
-    `→ ${r.direction} the LR: ${r.lr.toPrecision(3)} → ${r.suggested_lr.toPrecision(3)} (×${r.factor.toFixed(2)}); ` +
-    `val loss after the window ${r.val_loss.toFixed(4)} → ${r.val_loss_at_suggested.toFixed(4)} at the suggestion.`;
+  p.textContent = `d val_loss / d LR = ${fmt(r.dval_dlr)} over the next ${r.window} steps ` +
+    `→ ${r.direction} the LR: ${fmt(r.lr)} → ${fmt(r.suggested_lr)} (×${fmt(r.factor)}); ` +
+    `val loss after the window ${fmt(r.val_loss)} → ${fmt(r.val_loss_at_suggested)} at the suggestion.`;
   const b = document.createElement("button");
   b.id = "btn-apply-suggestion"; b.textContent = "Apply suggested LR";
   b.onclick = () => send({ command: "set_hyperparams", values: { learning_rate: r.suggested_lr } });
   el.append(p, b);
 }
 
-function fmt(x) { return x == null ? "–" : (Math.abs(x) < 1e-3 || Math.abs(x) >= 1e4 ? x.toExponential(3) : x.toPrecision(4)); }
+function fmt(x) { return x == null || !Number.isFinite(x) ? "–" : (Math.abs(x) < 1e-3 || Math.abs(x) >= 1e4 ? x.toExponential(3) : x.toPrecision(4)); }
 
 async function refreshRun() {
   const run = await api("/api/run");
@@ -64,7 +70,8 @@ async function refreshRun() {
   document.getElementById("run-branch").textContent = run.branch;
   document.getElementById("run-status").textContent = run.status;
   document.getElementById("run-lr").textContent = fmt(run.hyperparams.learning_rate);
-  document.getElementById("run-val").textContent = run.last_eval ? run.last_eval.val_loss.toFixed(4) : "–";
+  document.getElementById("run-val").textContent = run.last_eval ? fmt(run.last_eval.val_loss) : "–";
+  document.getElementById("run-message").textContent = run.message || "";
   const box = document.getElementById("hyperparams");
   for (const [name, value] of Object.entries(run.hyperparams)) {
     let row = document.getElementById("hp-row-" + name);
@@ -211,14 +218,14 @@ function handle(ev) {
     document.getElementById("run-step").textContent = ev.step + 1;
     document.getElementById("run-lr").textContent = fmt(ev.lr);
     queueDraw();
-  } else if (ev.type === "eval") { state.evals.push(ev); queueDraw(); document.getElementById("run-val").textContent = ev.val_loss.toFixed(4); }
+  } else if (ev.type === "eval") { state.evals.push(ev); queueDraw(); document.getElementById("run-val").textContent = fmt(ev.val_loss); }
   else if (ev.type === "command") { noteCommand(ev.record); }
   else if (ev.type === "status" || ev.type === "branch" || ev.type === "checkpoint") { refreshAll(); }
 }
 
 function connect() {
   const proto = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(`${proto}://${location.host}/ws?token=${encodeURIComponent(TOKEN)}&since=${state.lastSeq}`);
+  const ws = new WebSocket(`${proto}://${location.host}/ws?since=${state.lastSeq}`);
   const label = document.getElementById("ws-state");
   ws.onopen = () => { label.textContent = "ws: live"; };
   ws.onclose = () => { label.textContent = "ws: reconnecting"; setTimeout(connect, 1000); };
@@ -263,10 +270,16 @@ function wire() {
 async function main() {
   wire();
   let run;
-  try { run = await api("/api/run"); }
-  catch (err) {
-    document.getElementById("run-status").textContent = "unauthorized: open the URL printed by the server (it carries ?token=)";
-    return;
+  for (;;) {
+    try { run = await api("/api/run"); break; }
+    catch (err) {
+      if (err.status === 401) {
+        document.getElementById("run-status").textContent = "unauthorized: open the URL printed by the server (it carries ?token=)";
+        return;
+      }
+      document.getElementById("run-status").textContent = "server unreachable, retrying: " + err.message;
+      await new Promise(r => setTimeout(r, 1000));
+    }
   }
   state.lastSeq = run.event_seq;
   const hist = await api("/api/metrics?limit=20000");
