@@ -278,3 +278,48 @@ def test_d10_checkpoints_in_memory_are_bounded():
     with pytest.raises(CommandError, match="checkpoint_dir"):
         trainer.apply(parse_command({"command": "save_checkpoint", "name": "one-more"}))
     assert len(trainer.checkpoints) == MAX_MEMORY_CHECKPOINTS
+
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "examples")
+
+
+def test_any_flax_model_is_steered_and_replays_bitwise(tmp_path, monkeypatch):
+    """The README's user problem (BatchNorm + dropout CNN, AdamW) under commands, then replayed from its log."""
+    monkeypatch.syspath_prepend(EXAMPLE)
+    spec = {"problem": "my_problem:problem", "num_steps": 40}
+    log = str(tmp_path / "user.jsonl")
+    trainer = Trainer(build_problem(spec), spec=spec, log_path=log, eval_every=10)
+    assert "model_state" in trainer.state  # BatchNorm statistics travel with the state
+    stats0 = fingerprint(trainer.state["model_state"])
+    script = {5: {"command": "set_hyperparams", "values": {"learning_rate": 1e-3, "weight_decay": 0.0}},
+              10: {"command": "save_checkpoint", "name": "ten"}, 20: {"command": "load_checkpoint", "checkpoint": "ten"},
+              25: {"command": "freeze_layer", "layer": "Conv_0"}}
+    while trainer.t < trainer.num_steps and not (trainer.branch == 1 and trainer.t >= 30):
+        if trainer.branch == 0 and trainer.t in script or trainer.branch == 1 and trainer.t == 25:
+            trainer.submit(script[trainer.t])
+            trainer.apply_pending_commands()
+        assert trainer.step_once()
+    trainer.finish()
+    assert fingerprint(trainer.state["model_state"]) != stats0  # the statistics were updated by training
+    assert trainer.branch == 1 and np.isfinite(trainer.evaluate()["val_loss"])
+    assert replay_log(log).matches is True
+
+
+def test_cli_problem_reference_is_checked_before_anything_starts(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=EXAMPLE)
+    base = [sys.executable, "-m", "metagrad.cli", "interactive", "--port", "0", "--out", str(tmp_path / "run")]
+    bad = subprocess.run(base + ["--problem", "my_problem:nothing"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode == 2 and "has no function 'nothing'" in bad.stderr and "Traceback" not in bad.stderr
+    mixed = subprocess.run(base + ["--problem", "my_problem:problem", "--lr", "0.1"], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert mixed.returncode == 2 and "set them in your problem's function" in mixed.stderr
+    assert not os.path.exists(tmp_path / "run")
+    ok = subprocess.run(base + ["--problem", "my_problem:problem", "--num-steps", "15", "--step-delay", "0",
+                                "--exit-when-done"], capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    log = str(tmp_path / "run" / "interventions.jsonl")
+    assert read_log(log)[0]["spec"] == {"problem": "my_problem:problem", "num_steps": 15}
+    replayed = subprocess.run([sys.executable, "-m", "metagrad.interactive.cli", "replay-log", log],
+                              capture_output=True, text=True, env=env, timeout=300)
+    assert replayed.returncode == 0 and "matches the logged run bitwise" in replayed.stdout, replayed.stderr[-2000:]

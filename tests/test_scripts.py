@@ -43,6 +43,7 @@ SCRIPTS = {
     "benchmarks/conv1d_impl.py": ("",),
     "benchmarks/data_size.py": ("",),
     "benchmarks/hyperflow_depth.py": ("",),
+    "benchmarks/interactive_load.py": ("",),
     "benchmarks/inner_grad_modes.py": ("",),
     "benchmarks/replay_demo_problem.py": ("",),
     "benchmarks/replay_long_run.py": ("",),

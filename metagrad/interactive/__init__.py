@@ -15,14 +15,15 @@ validation loss with respect to each LR intervention with REPLAY.
 from .agents import AgentRunner, AgentView, OpenAIChatAgent, RuleAgent, parse_action
 from .commands import CommandError, parse_command
 from .log import InterventionLog, fingerprint, read_log
-from .problems import BUILTIN_SPEC, build_problem
+from .problems import BUILTIN_SPEC, ProblemReferenceError, build_problem, load_problem
 from .replay_log import ReplayMismatch, intervention_metagradients, replay_log
 from .trainer import Trainer, suggest_lr
 
 __all__ = [
     "AgentRunner", "AgentView", "BUILTIN_SPEC", "CommandError", "InterventionLog", "OpenAIChatAgent",
-    "ReplayMismatch", "RuleAgent", "Trainer", "build_problem", "fingerprint", "intervention_metagradients",
-    "parse_action", "parse_command", "read_log", "replay_log", "suggest_lr",
+    "ProblemReferenceError", "ReplayMismatch", "RuleAgent", "Trainer", "build_problem", "fingerprint",
+    "intervention_metagradients", "load_problem", "parse_action", "parse_command", "read_log", "replay_log",
+    "suggest_lr",
 ]
 
 

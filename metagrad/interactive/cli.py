@@ -32,7 +32,10 @@ def add_interactive_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-steps", type=positive_int, help="training steps (default 3000)")
     p.add_argument("--lr", type=positive_float, help="initial learning rate (default 0.05)")
     p.add_argument("--hidden", type=positive_int, nargs="+", help="MLP widths (default 64 64)")
-    p.add_argument("--dataset", choices=("mnist1d", "blobs"), default="mnist1d")
+    p.add_argument("--dataset", choices=("mnist1d", "blobs"), help="the built-in problem's data (default mnist1d)")
+    p.add_argument("--problem", metavar="MODULE:FUNCTION",
+                   help="steer your own problem: FUNCTION() in MODULE returns a metagrad.TrainingProblem (any flax "
+                        "model and data; its optimizer from optax.inject_hyperparams)")
     p.add_argument("--eval-every", type=nonnegative_int, default=50,
                    help="steps between validation evaluations (0: only on request)")
     p.add_argument("--step-delay", type=nonnegative_float, default=0.01,
@@ -63,6 +66,13 @@ def add_replay_log_parser(sub) -> argparse.ArgumentParser:
 def _spec(args) -> dict:
     from .problems import BUILTIN_SPEC
 
+    if args.problem:
+        given = [flag for flag, value in (("--dataset", args.dataset), ("--lr", args.lr), ("--hidden", args.hidden))
+                 if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} describe the built-in problem; with --problem, set them in your "
+                             "problem's function instead")
+        return {"problem": args.problem, "num_steps": args.num_steps}
     spec = copy.deepcopy(BUILTIN_SPEC)
     if args.dataset == "blobs":
         spec["dataset"] = {"name": "blobs", "num_examples": 3000}
@@ -161,12 +171,13 @@ def run_interactive(args) -> int:
     from .trainer import Trainer
 
     spec = _spec(args)
+    problem = build_problem(spec)  # a user's --problem that cannot be steered is refused before anything starts
     out = new_run_folder(args.out)
     if out != args.out:
         print(f"{args.out} holds an earlier run (kept as it is); this run writes to {out}", flush=True)
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "interventions.jsonl")
-    trainer = Trainer(build_problem(spec), spec=spec, log_path=log_path,
+    trainer = Trainer(problem, spec=spec, log_path=log_path,
                       checkpoint_dir=os.path.join(out, "checkpoints"), eval_every=args.eval_every,
                       min_step_seconds=args.step_delay, start_paused=args.paused)
     try:

@@ -2,14 +2,21 @@
 
 A spec names the dataset, the model, the optimizer (an optax constructor wrapped
 in ``optax.inject_hyperparams``, so every hyperparameter it takes can be set
-between steps), the number of steps, batch size and seed. The intervention
-log's header stores it; ``metagrad replay-log`` rebuilds the problem from it.
+between steps), the number of steps, batch size and seed -- or, for a user's own
+problem, ``{"problem": "module:function"}``: ``function()`` returns a
+:class:`~metagrad.TrainingProblem` with any flax model (BatchNorm and dropout
+included), any data and an optimizer from ``optax.inject_hyperparams``. The
+intervention log's header stores the spec; ``metagrad replay-log`` rebuilds the
+problem from it (the module must be importable there too).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import os
+import sys
 
 import numpy as np
 import optax
@@ -67,7 +74,43 @@ def build_problem(spec: dict) -> TrainingProblem:
     return _BUILT[key]
 
 
+class ProblemReferenceError(ValueError):
+    """A ``module:function`` reference that does not give a steerable problem (the message says what to change)."""
+
+
+def load_problem(reference: str) -> TrainingProblem:
+    """``function()`` of ``reference`` = ``"module:function"``: a user's own :class:`~metagrad.TrainingProblem`."""
+    import importlib
+
+    module_name, sep, function_name = reference.partition(":")
+    if not sep or not module_name or not function_name:
+        raise ProblemReferenceError(f"--problem takes MODULE:FUNCTION (e.g. my_runs:problem), got {reference!r}")
+    if os.getcwd() not in sys.path:  # as `python -m` and uvicorn do: a module in the current folder imports
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ProblemReferenceError(f"cannot import {module_name!r} ({err}): run from its folder or put it on "
+                                    "PYTHONPATH") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ProblemReferenceError(f"{module_name} has no function {function_name!r}")
+    problem = function()
+    if not isinstance(problem, TrainingProblem):
+        raise ProblemReferenceError(f"{reference}() returned a {type(problem).__name__}: return a "
+                                    "metagrad.TrainingProblem (your flax model, optax optimizer and data)")
+    return problem
+
+
 def _build_problem(spec: dict) -> TrainingProblem:
+    if "problem" in spec:
+        problem = load_problem(spec["problem"])
+        if spec.get("num_steps") is not None:
+            problem = dataclasses.replace(problem, num_steps=int(spec["num_steps"]))
+        try:
+            return interactive_problem(problem)
+        except TypeError as err:
+            raise ProblemReferenceError(f"{spec['problem']}(): {err}") from None
     model_spec, opt_spec = spec["model"], spec["optimizer"]
     if model_spec.get("name") != "mlp":
         raise ValueError(f"unknown model {model_spec.get('name')!r} in the run spec: use 'mlp'.")
@@ -83,8 +126,6 @@ def _build_problem(spec: dict) -> TrainingProblem:
 
 def interactive_problem(problem: TrainingProblem) -> TrainingProblem:
     """``problem`` made steerable: no LR schedule (the LR lives in the optimizer state) and per-example weights on."""
-    import dataclasses
-
     if problem.lr_schedule is None and problem.data_weights == _WEIGHTS:
         return problem
     probe = problem.optimizer.init({"w": np.zeros((1,), np.float32)})

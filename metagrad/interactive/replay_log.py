@@ -57,7 +57,7 @@ def replay_log(path: str, problem=None, *, trace: bool = False, overrides: dict 
             raise ValueError(f"{path} was written for a problem built in Python (no spec in its header): "
                              "pass that problem as replay_log(path, problem).")
         problem = build_problem(header["spec"])
-    trainer = Trainer(problem, spec=header.get("spec"), log_path=None, eval_every=0)
+    trainer = Trainer(problem, spec=header.get("spec"), log_path=None, eval_every=0, max_memory_checkpoints=None)
     if header.get("fingerprint0") and fingerprint(trainer.state) != header["fingerprint0"]:
         raise ReplayMismatch("the initial state differs from the logged run's: the problem (model, data, seed) "
                              "is not the one the log was written for.")

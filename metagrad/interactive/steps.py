@@ -30,7 +30,7 @@ def controlled_step(problem: TrainingProblem, state, frozen, data_weights, t):
         layer: jax.tree.map(lambda old, upd: jnp.where(frozen[layer], old, upd), state["params"][layer], sub)
         for layer, sub in new["params"].items()
     }
-    return {"params": params, "opt_state": new["opt_state"]}
+    return {**new, "params": params}  # with the optimizer state and any model state (BatchNorm statistics)
 
 
 def step_metrics(problem: TrainingProblem, state, data_weights, t):
@@ -39,7 +39,8 @@ def step_metrics(problem: TrainingProblem, state, data_weights, t):
     rng = stream_key(problem.seed, "dropout", t)
 
     def loss_fn(p):
-        losses = optax.softmax_cross_entropy_with_integer_labels(problem.logits(p, x, train=True, rng=rng), y)
+        logits = problem.logits(p, x, train=True, rng=rng, model_state=state.get("model_state"))
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return jnp.mean(weights * losses)
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
@@ -56,9 +57,9 @@ def train_step(problem: TrainingProblem, state, frozen, data_weights, t):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def evaluate(problem: TrainingProblem, params):
-    """``(val loss, val accuracy)``."""
-    return problem.loss_and_accuracy(params, "val")
+def evaluate(problem: TrainingProblem, state):
+    """``(val loss, val accuracy)`` of a state (its parameters and any model state)."""
+    return problem.loss_and_accuracy(state, "val")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -78,12 +79,12 @@ class SteeredRun:
         hp["learning_rate"] = meta["lr_schedule"][i].astype(jnp.result_type(hp["learning_rate"]))
         for name, values in meta["hyperparams"].items():
             hp[name] = values[i].astype(jnp.result_type(hp[name]))
-        state = {"params": state["params"], "opt_state": opt_state._replace(hyperparams=hp)}
+        state = {**state, "opt_state": opt_state._replace(hyperparams=hp)}
         frozen = {layer: mask[i] for layer, mask in meta["frozen"].items()}
         return controlled_step(self.problem, state, frozen, meta["data_weights"], meta["t0"] + i)
 
     def objective(self, state, meta):
-        return self.problem.loss_and_accuracy(state["params"], "val")[0]
+        return self.problem.loss_and_accuracy(state, "val")[0]
 
     def value_and_metagrad(self, state0, meta, num_steps: int, k: int = 4):
         return replay.value_and_metagrad(self.step, self.objective, state0, meta, num_steps, k=k)

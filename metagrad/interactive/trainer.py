@@ -69,11 +69,13 @@ class Trainer:
       checkpoint_dir: where orbax checkpoints go (``None``: kept in memory only).
       eval_every: steps between validation evaluations (0: only on request).
       min_step_seconds: throttle, so a person or an agent can follow a tiny fast run.
+      max_memory_checkpoints: how many checkpoints a run without ``checkpoint_dir`` may hold in memory
+        (``None``: no limit, as a replay of a logged run needs).
     """
 
     def __init__(self, problem, *, spec: dict | None = None, log_path: str | None = None,
                  checkpoint_dir: str | None = None, eval_every: int = 50, min_step_seconds: float = 0.0,
-                 start_paused: bool = False):
+                 start_paused: bool = False, max_memory_checkpoints: int | None = MAX_MEMORY_CHECKPOINTS):
         self.problem = interactive_problem(problem)
         self.num_steps = self.problem.num_steps
         self.spec = spec
@@ -81,6 +83,7 @@ class Trainer:
         self.min_step_seconds = float(min_step_seconds)
         self.checkpoint_dir = os.path.abspath(checkpoint_dir) if checkpoint_dir else None
         self.store = RunStore(self.checkpoint_dir) if checkpoint_dir else None
+        self.max_memory_checkpoints = max_memory_checkpoints
         self.log = InterventionLog(log_path)
         self._lock = threading.RLock()
         self._events_lock = threading.Lock()
@@ -302,7 +305,7 @@ class Trainer:
         hp = dict(opt_state.hyperparams)
         for name, value in cmd.values.items():
             hp[name] = jnp.asarray(value, dtype=jnp.result_type(hp[name]))
-        self.state = {"params": self.state["params"], "opt_state": opt_state._replace(hyperparams=hp)}
+        self.state = {**self.state, "opt_state": opt_state._replace(hyperparams=hp)}
         if "learning_rate" in cmd.values:
             self.lr_source = self._seq
         return {"hyperparams": self.hyperparams()}
@@ -327,8 +330,9 @@ class Trainer:
         ckpt_id = cmd.name or f"ckpt-{len(self.checkpoints) + 1}"
         if ckpt_id in self.checkpoints:
             raise CommandError(f"checkpoint {ckpt_id!r} exists already: choose another name.")
-        if self.store is None and len(self.checkpoints) >= MAX_MEMORY_CHECKPOINTS:
-            raise CommandError(f"this run keeps checkpoints in memory and holds {MAX_MEMORY_CHECKPOINTS} already: "
+        limit = self.max_memory_checkpoints
+        if self.store is None and limit is not None and len(self.checkpoints) >= limit:
+            raise CommandError(f"this run keeps checkpoints in memory and holds {limit} already: "
                                "give the Trainer a checkpoint_dir (metagrad interactive always does) to keep more.")
         snapshot = _copy_state(self.state)
         path = None
@@ -349,9 +353,8 @@ class Trainer:
             raise CommandError(f"no checkpoint {cmd.checkpoint!r}: the checkpoints are {list(self.checkpoints)}.")
         if entry["path"] is not None:
             _, restored, _ = self.store.restore_tree(cmd.checkpoint, self._ckpt_states[cmd.checkpoint])
-            state = {"params": restored["params"],
-                     "opt_state": jax.tree.unflatten(jax.tree.structure(self.state["opt_state"]),
-                                                     jax.tree.leaves(restored["opt_state"]))}
+            state = {**restored, "opt_state": jax.tree.unflatten(jax.tree.structure(self.state["opt_state"]),
+                                                                 jax.tree.leaves(restored["opt_state"]))}
         else:
             state = _copy_state(self._ckpt_states[cmd.checkpoint])
         self.state = state
@@ -380,7 +383,7 @@ class Trainer:
             return new if any(getattr(k, "key", None) == cmd.layer for k in path) else cur
 
         opt_state = jax.tree_util.tree_map_with_path(pick, self.state["opt_state"], fresh_opt)
-        self.state = {"params": params, "opt_state": opt_state}
+        self.state = {**self.state, "params": params, "opt_state": opt_state}
         self._dirty = True
         return {"layer": cmd.layer}
 
@@ -444,8 +447,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Validation loss and accuracy of the current state (also recorded as the latest evaluation)."""
         with self._lock:
-            problem, params, step, branch = self.problem, self.state["params"], self.t, self.branch
-        loss, acc = steps_lib.evaluate(problem, params)
+            problem, state, step, branch = self.problem, self.state, self.t, self.branch
+        loss, acc = steps_lib.evaluate(problem, state)
         result = {"step": step, "branch": branch, "val_loss": float(loss), "val_accuracy": float(acc)}
         with self._lock:
             self.last_eval = result
