@@ -65,7 +65,7 @@ def test_commands_branches_and_bitwise_replay(tmp_path):
     assert [r["status"] for r in records] == ["succeeded"] * 9 + ["failed"]
     assert "no checkpoint 'nope'" in records[-1]["reason"]
     # loading forks branch 1 at the checkpoint's step; the checkpoint kept the LR it was saved with
-    assert tr.branches[1] == {"id": 1, "parent": 0, "fork_step": 10, "checkpoint": "ckpt-1"}
+    assert tr.branches[1] == {"id": 1, "parent": 0, "fork_step": 10, "checkpoint": "ckpt-1", "name": None}
     assert tr.branch == 1 and tr.t == SPEC["num_steps"]
     assert tr.hyperparams()["learning_rate"] == pytest.approx(0.02)
     assert tr.frozen["Dense_0"] is False  # the checkpoint was saved before the freeze

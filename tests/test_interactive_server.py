@@ -100,10 +100,11 @@ def test_rest_commands_and_info(served):
     assert rec["status"] == "succeeded" and rec["result"]["checkpoint"]["id"] == "s"
     saved_step = rec["result"]["checkpoint"]["step"]
     assert wait_for(lambda: client.get("/api/run").json()["step"] >= saved_step + 3)
-    rec = wait_command(client, client.post("/api/commands", json={"command": "load_checkpoint", "checkpoint": "s"}).json()["id"])
+    rec = wait_command(client, client.post("/api/commands", json={"command": "load_checkpoint", "checkpoint": "s", "branch_name": "from s"}).json()["id"])
     assert rec["status"] == "succeeded"
     branches = client.get("/api/branches").json()
-    assert branches[-1] == {"id": 1, "parent": 0, "fork_step": saved_step, "checkpoint": "s"}
+    assert branches[-1] == {"id": 1, "parent": 0, "fork_step": saved_step, "checkpoint": "s",
+                            "name": "from s"}
     # a command that is valid but cannot apply fails with its reason, and the run goes on
     rec = wait_command(client, client.post("/api/commands", json={"command": "load_checkpoint", "checkpoint": "zz"}).json()["id"])
     assert rec["status"] == "failed" and "no checkpoint 'zz'" in rec["reason"]

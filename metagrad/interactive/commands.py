@@ -116,6 +116,8 @@ class LoadCheckpoint(_Command):
 
     command: Literal["load_checkpoint"]
     checkpoint: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    branch_name: str | None = Field(default=None, min_length=1, max_length=64,
+                                    pattern=r"^[A-Za-z0-9_. -]+$", description="a name for the new branch")
 
     @field_validator("checkpoint")
     @classmethod

@@ -101,7 +101,7 @@ class Trainer:
         self.state = self.problem.init_state()
         self.t = 0
         self.branch = 0
-        self.branches = [{"id": 0, "parent": None, "fork_step": 0, "checkpoint": None}]
+        self.branches = [{"id": 0, "parent": None, "fork_step": 0, "checkpoint": None, "name": "main"}]
         self.checkpoints: collections.OrderedDict = collections.OrderedDict()
         self._ckpt_states: dict = {}
         self._seq = 0
@@ -362,7 +362,7 @@ class Trainer:
         self.lr_source = entry["lr_source"]
         self._dirty = False
         new_branch = {"id": len(self.branches), "parent": entry["branch"], "fork_step": entry["step"],
-                      "checkpoint": entry["id"]}
+                      "checkpoint": entry["id"], "name": cmd.branch_name}
         self.branches.append(new_branch)
         self.branch, self.t = new_branch["id"], entry["step"]
         if self.status in ("finished", "diverged"):
