@@ -365,7 +365,7 @@ def main(argv=None, *, catch_errors: bool | None = None) -> int:
     parser, flag_names = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    for noisy in ("absl", "jax._src.xla_bridge"):
+    for noisy in ("absl", "jax._src.xla_bridge", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return run_command(args, flag_names[args.command], catch_errors=argv is None if catch_errors is None
                        else catch_errors)

@@ -213,7 +213,13 @@ def run_interactive(args) -> int:
     if agent is not None:
         agent.stop()
     server.stop()
-    print(f"run ended at step {end['step']} on branch {end['branch']}; log: {log_path}", flush=True)
+    final = trainer.evaluate()
+    print(f"run ended at step {end['step']} on branch {end['branch']}: validation loss {final['val_loss']:.4f}, "
+          f"accuracy {final['val_accuracy']:.3f}; log: {log_path}", flush=True)
+    if agent is not None:
+        changes = [d for d in agent.decisions if d[1] != "Same"]
+        print(f"the agent acted {len(changes)} times: " + ", ".join(f"{a} at step {s}" for s, a, *_ in changes[:12])
+              + (" ..." if len(changes) > 12 else ""), flush=True)
     return 0 if trainer.error is None else 1
 
 
