@@ -7,8 +7,8 @@ server; one WebSocket client follows the event stream as the dashboard does;
 ``--clients`` threads send ``--requests`` requests in all, a seeded mix of
 
 * reads: ``/api/run``, ``/api/metrics``, ``/api/commands``, ``/api/events``, the dashboard's ``app.js``;
-* valid commands: LR changes in range, evaluations, checkpoint saves, pauses and resumes, and the rescue
-  after a divergence (load the first checkpoint, a safe LR, resume);
+* valid commands: LR changes in range, evaluations, checkpoint saves, and the rescue after a divergence
+  (load the first checkpoint, a safe LR, resume);
 * malformed ones: not JSON, unknown commands, extra fields, strings for numbers, negative and boolean LRs,
   ``..`` checkpoint names;
 * LR changes to the top of the declared range (10), which blow the run up: the divergence guard pauses it.
@@ -40,14 +40,14 @@ def request_mix(rng: random.Random, client: int, i: int) -> tuple[str, str, dict
                            "/api/events?since=0&limit=100", "/static/app.js", "/api/checkpoints"])
         return "read", "GET " + path.split("?")[0], {"method": "GET", "url": path}
     if u < 0.70:
-        body = rng.choice([
+        body = rng.choices([
             {"command": "set_hyperparams", "values": {"learning_rate": rng.uniform(0.01, 0.1)}},
             {"command": "evaluate"},
-            {"command": "pause"}, {"command": "resume"},
-            {"command": "save_checkpoint", "name": f"c{client}-{i}"} if rng.random() < 0.1 else {"command": "evaluate"},
+            {"command": "resume"},
+            {"command": "save_checkpoint", "name": f"c{client}-{i}"},
             {"command": "load_checkpoint", "checkpoint": "load-start"},
             {"command": "set_hyperparams", "values": {"learning_rate": SAFE_LR}},
-        ])
+        ], weights=[40, 30, 15, 2, 1, 12])[0]
         return "valid", "POST " + body["command"], {"method": "POST", "url": "/api/commands", "json": body}
     if u < 0.95:
         kind = rng.randrange(7)
