@@ -197,6 +197,8 @@ def test_d4_d9_a_rerun_never_overwrites_and_sigterm_writes_the_end_record(tmp_pa
         assert f.read() == first_log  # the earlier run's log is whole
     header, interventions, end = read_log(second_log)
     assert end is not None and end["step"] > 0
+    with open(os.path.join(f"{out}-2", "metrics.jsonl")) as f:  # every step's metrics, on disk
+        assert sum(json.loads(line)["kind"] == "metrics" for line in f) == end["step"]
     assert replay_log(second_log).matches is True
 
 

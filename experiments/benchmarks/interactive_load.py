@@ -65,6 +65,15 @@ def request_mix(rng: random.Random, client: int, i: int) -> tuple[str, str, dict
     return "blow-up", "POST blow-up LR", {"method": "POST", "url": "/api/commands", "json": body}
 
 
+def resident_mb() -> float:
+    """This process's resident memory now (Linux), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def percentile(values, q):
     import numpy as np
 
@@ -158,7 +167,7 @@ def main():
                 with lock:
                     results.append((kind, name, status, time.perf_counter() - tic))
 
-    tic = time.perf_counter()
+    rss_before, tic = resident_mb(), time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(args.clients)]
     for t in threads:
         t.start()
@@ -168,6 +177,7 @@ def main():
     stop_ws.set()
     ws_thread.join(5)
     run = httpx.get(server.base_url + "/api/run", headers=headers, timeout=30).json()
+    rss_after = resident_mb()
     trainer.request_stop()
     trainer.join(60)
     server.stop()
@@ -195,6 +205,7 @@ def main():
                     for k, v in by_kind.items()},
         "steps_during_load": ws_stats["steps_streamed"], "final_step": run["step"], "final_status": run["status"], "final_message": run.get("message"),
         "divergences_caught": diverged, "interventions_logged": len(trainer.log.interventions()),
+        "resident_mb": {"before_load": rss_before, "after_load": rss_after},
         "websocket": ws_stats, "replay_matches": replayed.matches, "replay_seconds": replay_seconds,
         "log": log_path,
     }
@@ -207,7 +218,7 @@ def main():
     print(f"run: {payload['steps_during_load']} steps during the load, {diverged} divergences caught, ended "
           f"{run['status']}; WebSocket: {ws_stats['events']} events, longest gap {ws_stats['longest_gap_s']:.2f} s, "
           f"error {ws_stats['error']}; the log ({payload['interventions_logged']} interventions) replays bitwise: "
-          f"{replayed.matches} ({replay_seconds:.1f} s)")
+          f"{replayed.matches} ({replay_seconds:.1f} s); resident memory {rss_before:.0f} -> {rss_after:.0f} MB")
     write_json(args.out, payload)
     print(f"wrote {args.out}")
     ok = transport_errors == 0 and server_errors == 0 and replayed.matches is True and ws_stats["error"] is None

@@ -177,7 +177,7 @@ def run_interactive(args) -> int:
         print(f"{args.out} holds an earlier run (kept as it is); this run writes to {out}", flush=True)
     os.makedirs(out, exist_ok=True)
     log_path = os.path.join(out, "interventions.jsonl")
-    trainer = Trainer(problem, spec=spec, log_path=log_path,
+    trainer = Trainer(problem, spec=spec, log_path=log_path, metrics_path=os.path.join(out, "metrics.jsonl"),
                       checkpoint_dir=os.path.join(out, "checkpoints"), eval_every=args.eval_every,
                       min_step_seconds=args.step_delay, start_paused=args.paused)
     try:

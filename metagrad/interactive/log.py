@@ -14,6 +14,7 @@ Replaying the interventions in order, each at its step, reproduces the run
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -39,11 +40,14 @@ def fingerprint(tree) -> str:
 class InterventionLog:
     """Appends JSON lines to a new file ``path`` (or keeps them in memory only when ``path`` is ``None``).
 
-    An existing file is never overwritten: ``FileExistsError`` says so (an earlier run's log stays whole)."""
+    An existing file is never overwritten: ``FileExistsError`` says so (an earlier run's log stays whole).
+    ``keep_in_memory=False``: lines go to the file only (for long streams such as per-step metrics);
+    ``max_records``: memory keeps the most recent lines only (the file keeps all)."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, *, keep_in_memory: bool = True, max_records: int | None = None):
         self.path = path
-        self.records: list[dict] = []
+        self.keep_in_memory = keep_in_memory
+        self.records: collections.deque = collections.deque(maxlen=max_records)
         self._lock = threading.Lock()
         self._file = None
         if path is not None:
@@ -56,7 +60,8 @@ class InterventionLog:
 
     def write(self, record: dict) -> None:
         with self._lock:
-            self.records.append(record)
+            if self.keep_in_memory:
+                self.records.append(record)
             if self._file is not None:
                 self._file.write(dumps(record) + "\n")
                 self._file.flush()

@@ -71,11 +71,14 @@ class Trainer:
       min_step_seconds: throttle, so a person or an agent can follow a tiny fast run.
       max_memory_checkpoints: how many checkpoints a run without ``checkpoint_dir`` may hold in memory
         (``None``: no limit, as a replay of a logged run needs).
+      metrics_path: a new JSON-lines file receiving every step's metrics and every evaluation (memory keeps
+        only the last :data:`MAX_EVENTS` of each); ``None``: memory only.
     """
 
     def __init__(self, problem, *, spec: dict | None = None, log_path: str | None = None,
                  checkpoint_dir: str | None = None, eval_every: int = 50, min_step_seconds: float = 0.0,
-                 start_paused: bool = False, max_memory_checkpoints: int | None = MAX_MEMORY_CHECKPOINTS):
+                 start_paused: bool = False, max_memory_checkpoints: int | None = MAX_MEMORY_CHECKPOINTS,
+                 metrics_path: str | None = None):
         self.problem = interactive_problem(problem)
         self.num_steps = self.problem.num_steps
         self.spec = spec
@@ -84,7 +87,8 @@ class Trainer:
         self.checkpoint_dir = os.path.abspath(checkpoint_dir) if checkpoint_dir else None
         self.store = RunStore(self.checkpoint_dir) if checkpoint_dir else None
         self.max_memory_checkpoints = max_memory_checkpoints
-        self.log = InterventionLog(log_path)
+        self.log = InterventionLog(log_path, max_records=MAX_EVENTS)
+        self.metrics_log = InterventionLog(metrics_path, keep_in_memory=False)  # append-only, never overwritten
         self._lock = threading.RLock()
         self._events_lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -453,6 +457,7 @@ class Trainer:
         with self._lock:
             self.last_eval = result
             self.evals.append(result)
+            self.metrics_log.write({"kind": "eval", **result})
         self._emit({"type": "eval", **result})
         return result
 
@@ -496,6 +501,7 @@ class Trainer:
             self.state = new
             self.t += 1
             self.metrics.append(record)
+            self.metrics_log.write({"kind": "metrics", **record})
             self._emit({"type": "metrics", **record})
             due = bool(self.eval_every and self.t % self.eval_every == 0)
         if due:
@@ -557,6 +563,7 @@ class Trainer:
                              "fingerprint": fingerprint(self.state), "num_branches": len(self.branches)}
                 self.log.write(self._end)
                 self.log.close()
+                self.metrics_log.close()
             return self._end
 
 
