@@ -325,3 +325,91 @@ def test_cli_problem_reference_is_checked_before_anything_starts(tmp_path):
     replayed = subprocess.run([sys.executable, "-m", "metagrad.interactive.cli", "replay-log", log],
                               capture_output=True, text=True, env=env, timeout=300)
     assert replayed.returncode == 0 and "matches the logged run bitwise" in replayed.stdout, replayed.stderr[-2000:]
+
+
+def _mixing_problem():
+    """DGA's problem (arXiv 2410.02498): three domains, one target, AdamW with its LR injected."""
+    import metagrad as mg
+    import optax
+    from metagrad.mixing import DGA, MixingProblem
+
+    rng = np.random.default_rng(5)
+    centers = rng.normal(size=(3, 6)) * 1.5
+
+    def task(n, labels_random=False):
+        y = rng.integers(0, 3, n).astype(np.int32)
+        x = (centers[y] + 0.8 * rng.normal(size=(n, 6))).astype(np.float32)
+        return x, (rng.integers(0, 3, n).astype(np.int32) if labels_random else y)
+
+    xt, yt = task(240)
+    target = mg.Dataset(xt[:40], yt[:40], xt[40:140], yt[40:140], xt[140:], yt[140:], num_classes=3, name="target")
+    domains = [task(200), task(200, labels_random=True), task(200)]
+    return MixingProblem(mg.MLP(hidden=(8,), num_classes=3), optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2),
+                         domains, target, num_steps=60, batch_size=16, seed=0,
+                         dga=DGA(step_size=2.0, update_every=10, ema=0.3, domain_batch_size=32))
+
+
+def test_the_dga_mixing_problem_is_steered_and_replays_bitwise(serve, tmp_path):
+    """Any metagrad.Problem: here DGA's, whose state carries the domain weights beside params and optimizer."""
+    problem = _mixing_problem()
+    log = str(tmp_path / "mixing.jsonl")
+    trainer = Trainer(problem, log_path=log, checkpoint_dir=str(tmp_path / "ckpt"), eval_every=10,
+                      min_step_seconds=0.05, start_paused=True).start()
+    server, client = serve(trainer)
+    assert client.get("/api/optimizer").json()["settable"] == ["b1", "b2", "eps", "eps_root", "learning_rate",
+                                                               "weight_decay"]
+    r = client.post("/api/commands", json={"command": "freeze_layer", "layer": "Dense_0"})
+    assert r.status_code == 422 and "needs a metagrad.TrainingProblem" in r.json()["detail"]
+    for payload in ({"command": "set_hyperparams", "values": {"learning_rate": 5e-3}}, {"command": "resume"}):
+        assert wait_command(client, client.post("/api/commands", json=payload).json()["id"])["status"] == "succeeded"
+    assert wait_until(lambda: trainer.t >= 20, 60)
+    saved = wait_command(client, client.post("/api/commands", json={"command": "save_checkpoint", "name": "w"}).json()["id"])
+    assert saved["status"] == "succeeded"
+    assert wait_until(lambda: trainer.t >= saved["result"]["checkpoint"]["step"] + 5, 60)
+    loaded = client.post("/api/commands", json={"command": "load_checkpoint", "checkpoint": "w"}).json()
+    assert wait_command(client, loaded["id"])["status"] == "succeeded"
+    assert wait_until(lambda: trainer.status == "finished", 120), trainer.status
+    evals = strict_json(client.get("/api/metrics").text)["evals"]
+    assert evals and {"val_loss", "val_accuracy", "test_loss"} <= set(evals[-1])
+    assert strict_json(client.get("/api/metrics").text)["metrics"][-1]["train_loss"] is None  # no loss of its own
+    trainer.request_stop()
+    trainer.join(10)
+    assert float(np.sum(trainer.state["weights"])) == pytest.approx(1.0, rel=1e-5)  # the domain weights moved along
+    assert replay_log(log, problem).matches is True
+
+
+def test_a_bare_step_and_objective_are_steered(tmp_path):
+    """The README's few lines: your own pure step/objective as a metagrad.FunctionProblem, under the trainer."""
+    import jax
+    import jax.numpy as jnp
+    import metagrad as mg
+    import optax
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 3)), jnp.float32)
+    y = x @ jnp.asarray([1.0, -2.0, 0.5])
+    optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=0.05)
+
+    def loss(w, rows):
+        return jnp.mean((x[rows] @ w - y[rows]) ** 2)
+
+    def step(state, meta, t):
+        rows = (t * 8 + jnp.arange(8)) % 64  # the batch of step t: a function of t only
+        grads = jax.grad(loss)(state["params"], rows)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+
+    w0 = jnp.zeros(3)
+    problem = mg.FunctionProblem(step, lambda state, meta: loss(state["params"], jnp.arange(64)),
+                                 {"params": w0, "opt_state": optimizer.init(w0)}, meta={}, num_steps=40,
+                                 evaluate_fn=lambda state: {"val_loss": loss(state["params"], jnp.arange(64))})
+    log = str(tmp_path / "fn.jsonl")
+    trainer = Trainer(problem, log_path=log, eval_every=0)
+    for _ in range(10):
+        assert trainer.step_once()
+    trainer.apply(parse_command({"command": "set_hyperparams", "values": {"learning_rate": 0.1}}))
+    while trainer.t < trainer.num_steps:
+        assert trainer.step_once()
+    trainer.finish()
+    assert trainer.evaluate()["val_loss"] < 1e-3
+    assert trainer.metrics[-1]["lr"] == pytest.approx(0.1)
+    assert replay_log(log, problem).matches is True

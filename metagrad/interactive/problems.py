@@ -24,6 +24,7 @@ import optax
 from .. import data as data_lib
 from ..meta import DataWeights
 from ..models import MLP
+from ..problem import check_problem
 from ..training import TrainingProblem
 
 #: The problem ``metagrad interactive`` runs when given no other: an MLP on MNIST-1D with momentum SGD.
@@ -97,8 +98,12 @@ def load_problem(reference: str) -> TrainingProblem:
         raise ProblemReferenceError(f"{module_name} has no function {function_name!r}")
     problem = function()
     if not isinstance(problem, TrainingProblem):
-        raise ProblemReferenceError(f"{reference}() returned a {type(problem).__name__}: return a "
-                                    "metagrad.TrainingProblem (your flax model, optax optimizer and data)")
+        try:
+            check_problem(problem)
+        except TypeError:
+            raise ProblemReferenceError(f"{reference}() returned a {type(problem).__name__}: return a "
+                                        "metagrad.TrainingProblem (your flax model, optax optimizer and data) or "
+                                        "any metagrad.Problem (e.g. a metagrad.FunctionProblem)") from None
     return problem
 
 
@@ -107,6 +112,8 @@ def _build_problem(spec: dict) -> TrainingProblem:
         problem = load_problem(spec["problem"])
         if spec.get("num_steps") is not None:
             problem = dataclasses.replace(problem, num_steps=int(spec["num_steps"]))
+        if not isinstance(problem, TrainingProblem):
+            return problem
         try:
             return interactive_problem(problem)
         except TypeError as err:

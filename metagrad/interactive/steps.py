@@ -57,6 +57,15 @@ def train_step(problem: TrainingProblem, state, frozen, data_weights, t):
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def problem_step(problem, state, meta, t):
+    """``(state_{t+1}, {"finite": ...})`` of any :class:`metagrad.Problem` at metaparameters ``meta``."""
+    new = problem.step(state, meta, t)
+    leaves = [x for x in jax.tree.leaves(new) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+    return new, {"finite": finite}
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def evaluate(problem: TrainingProblem, state):
     """``(val loss, val accuracy)`` of a state (its parameters and any model state)."""
     return problem.loss_and_accuracy(state, "val")

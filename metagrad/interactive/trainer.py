@@ -36,7 +36,8 @@ from pydantic import ValidationError
 
 from . import steps as steps_lib
 from .commands import NON_MUTATING, CommandError, describe_validation_error, new_record, parse_command
-from ..problem import stream_key
+from ..problem import check_problem, stream_key
+from ..training import TrainingProblem
 from ..store import RunStore
 from .log import InterventionLog, fingerprint
 from .problems import interactive_problem
@@ -49,6 +50,8 @@ MAX_MEMORY_CHECKPOINTS = 16
 #: A finite loss at least this many times the median of the last :data:`BLOWUP_WINDOW` losses is a divergence.
 BLOWUP_FACTOR = 1e3
 BLOWUP_WINDOW = 50
+#: Commands that need a TrainingProblem's model, training set or loss.
+NEEDS_SUPERVISED = frozenset({"reset_layer", "freeze_layer", "append_data", "set_mixture", "suggest_lr"})
 #: Commands that only read the run: computed outside the lock, from a snapshot.
 READ_ONLY = frozenset({"evaluate", "suggest_lr"})
 
@@ -58,11 +61,16 @@ def _copy_state(state):
 
 
 class Trainer:
-    """Runs a :class:`~metagrad.TrainingProblem` step by step in a background thread, under commands.
+    """Runs a training problem step by step in a background thread, under commands.
 
     Args:
-      problem: any problem whose optimizer comes from ``optax.inject_hyperparams`` (its LR schedule is
-        dropped: the LR lives in the optimizer state and commands set it).
+      problem: a :class:`~metagrad.TrainingProblem` whose optimizer comes from ``optax.inject_hyperparams``
+        (its LR schedule is dropped: the LR lives in the optimizer state and commands set it); every
+        command applies. Or any other :class:`metagrad.Problem` (DGA's ``MixingProblem``, a
+        ``FunctionProblem`` of your own ``step``/``objective``): it runs at its initial metaparameters,
+        ``problem.evaluate(state)`` gives the evaluations, and the commands that need no model, data or
+        loss apply (pause, resume, stop, evaluate, checkpoints and branches, and ``set_hyperparams`` when
+        the state holds an ``opt_state`` from ``optax.inject_hyperparams``).
       spec: the JSON run spec the problem was built from (written to the log header so that
         ``metagrad replay-log`` can rebuild it); ``None`` for a problem built in Python.
       log_path: where the intervention log is written as the run goes (``None``: in memory only).
@@ -79,7 +87,11 @@ class Trainer:
                  checkpoint_dir: str | None = None, eval_every: int = 50, min_step_seconds: float = 0.0,
                  start_paused: bool = False, max_memory_checkpoints: int | None = MAX_MEMORY_CHECKPOINTS,
                  metrics_path: str | None = None):
-        self.problem = interactive_problem(problem)
+        self.supervised = isinstance(problem, TrainingProblem)
+        if not self.supervised:
+            check_problem(problem)
+        self.problem = interactive_problem(problem) if self.supervised else problem
+        self.meta = None if self.supervised else problem.init_meta()
         self.num_steps = self.problem.num_steps
         self.spec = spec
         self.eval_every = int(eval_every)
@@ -102,18 +114,19 @@ class Trainer:
         self._thread: threading.Thread | None = None
         self.error: str | None = None
 
-        self.state = self.problem.init_state()
+        self.state = self.problem.init_state() if self.supervised else self.problem.init_state(self.meta)
         self.t = 0
         self.branch = 0
         self.branches = [{"id": 0, "parent": None, "fork_step": 0, "checkpoint": None, "name": "main"}]
         self.checkpoints: collections.OrderedDict = collections.OrderedDict()
         self._ckpt_states: dict = {}
         self._seq = 0
-        self.layers = list(self.state["params"].keys())
+        self.layers = list(self.state["params"].keys()) if self.supervised else []
         self.frozen = {layer: False for layer in self.layers}
-        self.sources = [("base", self.problem.data.num_train)]
+        self.sources = [("base", self.problem.data.num_train)] if self.supervised else []
         self.mixture: dict | None = None
-        self.data_weights = np.ones((self.problem.data.num_train,), np.dtype(self.problem.param_dtype))
+        self.data_weights = (np.ones((self.problem.data.num_train,), np.dtype(self.problem.param_dtype))
+                             if self.supervised else None)
         self.paused = bool(start_paused)
         self.stopped = False
         self.status = "paused" if start_paused else "running"
@@ -129,7 +142,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ info
     def hyperparams(self) -> dict:
-        hp = self.state["opt_state"].hyperparams
+        """The scalar hyperparameters of the state's ``optax.inject_hyperparams`` optimizer state ({} if none)."""
+        opt_state = self.state.get("opt_state") if isinstance(self.state, dict) else None
+        hp = getattr(opt_state, "hyperparams", None) or {}
         return {name: float(np.asarray(v)) for name, v in hp.items() if np.ndim(v) == 0}
 
     def info(self) -> dict:
@@ -154,10 +169,14 @@ class Trainer:
                 layers.append({"name": layer, "frozen": self.frozen[layer],
                                "params": {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in leaves},
                                "size": int(sum(np.size(x) for _, x in leaves))})
-            return {"model": type(self.problem.model).__name__, "layers": layers}
+            model = getattr(self.problem, "model", None)
+            return {"model": type(model if model is not None else self.problem).__name__, "layers": layers}
 
     def dataset_info(self) -> dict:
         with self._lock:
+            if not self.supervised:
+                return {"name": type(self.problem).__name__, "num_train": None, "num_val": None, "input_shape": [],
+                        "num_classes": None, "sources": [], "mixture": None, "batch_size": None}
             data = self.problem.data
             return {"name": data.name, "num_train": data.num_train, "num_val": int(np.shape(data.y_val)[0]),
                     "input_shape": list(data.input_shape), "num_classes": data.num_classes,
@@ -220,8 +239,14 @@ class Trainer:
     def _precheck(self, command) -> None:
         """Reject at once what cannot apply to this run, with what to change."""
         name = command.command
+        if not self.supervised and name in NEEDS_SUPERVISED:
+            raise CommandError(f"{name} needs a metagrad.TrainingProblem (a model, a training set and a loss); this "
+                               f"run is a {type(self.problem).__name__}.")
         if name == "set_hyperparams":
             settable = set(self.hyperparams())
+            if not settable:
+                raise CommandError("this run's state holds no optimizer state from optax.inject_hyperparams (under "
+                                   "'opt_state'), so it has no hyperparameters to set.")
             unknown = sorted(set(command.values) - settable)
             if unknown:
                 raise CommandError(f"unknown hyperparameter(s) {unknown}: this optimizer exposes {sorted(settable)}.")
@@ -357,8 +382,8 @@ class Trainer:
             raise CommandError(f"no checkpoint {cmd.checkpoint!r}: the checkpoints are {list(self.checkpoints)}.")
         if entry["path"] is not None:
             _, restored, _ = self.store.restore_tree(cmd.checkpoint, self._ckpt_states[cmd.checkpoint])
-            state = {**restored, "opt_state": jax.tree.unflatten(jax.tree.structure(self.state["opt_state"]),
-                                                                 jax.tree.leaves(restored["opt_state"]))}
+            # orbax gives containers back as dicts: the leaves in the state's own structure
+            state = jax.tree.unflatten(jax.tree.structure(self.state), jax.tree.leaves(restored))
         else:
             state = _copy_state(self._ckpt_states[cmd.checkpoint])
         self.state = state
@@ -452,8 +477,12 @@ class Trainer:
         """Validation loss and accuracy of the current state (also recorded as the latest evaluation)."""
         with self._lock:
             problem, state, step, branch = self.problem, self.state, self.t, self.branch
-        loss, acc = steps_lib.evaluate(problem, state)
-        result = {"step": step, "branch": branch, "val_loss": float(loss), "val_accuracy": float(acc)}
+        if self.supervised:
+            loss, acc = steps_lib.evaluate(problem, state)
+            report = {"val_loss": float(loss), "val_accuracy": float(acc)}
+        else:
+            report = {name: float(value) for name, value in problem.evaluate(state).items()}
+        result = {"step": step, "branch": branch, **report}
         with self._lock:
             self.last_eval = result
             self.evals.append(result)
@@ -477,13 +506,17 @@ class Trainer:
         with self._lock:
             frozen = {layer: np.bool_(f) for layer, f in self.frozen.items()}
             problem, state, weights, t = self.problem, self.state, self.data_weights, self.t
-        new, m = steps_lib.train_step(problem, state, frozen, weights, np.int32(t))
-        finite, loss = bool(m["finite"]), float(m["train_loss"])
+        if self.supervised:
+            new, m = steps_lib.train_step(problem, state, frozen, weights, np.int32(t))
+            loss, grad_norm = float(m["train_loss"]), float(m["grad_norm"])
+        else:  # a Problem with no loss of its own: finiteness of the state is the guard
+            new, m = steps_lib.problem_step(problem, state, self.meta, np.int32(t))
+            loss = grad_norm = None
+        finite = bool(m["finite"])
         with self._lock:
-            record = {"step": self.t, "branch": self.branch, "train_loss": loss,
-                      "grad_norm": float(m["grad_norm"]), "lr": self.hyperparams()["learning_rate"],
-                      "step_time": time.perf_counter() - tic}
-            blew_up = finite and self._blew_up(loss)
+            record = {"step": self.t, "branch": self.branch, "train_loss": loss, "grad_norm": grad_norm,
+                      "lr": self.hyperparams().get("learning_rate"), "step_time": time.perf_counter() - tic}
+            blew_up = finite and loss is not None and self._blew_up(loss)
             if not finite or blew_up:
                 self.paused, self.status = True, "diverged"
                 what = (f"a loss of {loss:.3g}, over {BLOWUP_FACTOR:g} times its recent median" if blew_up
