@@ -114,3 +114,16 @@ def max_relative_error(a, b) -> float:
         scale = max(np.max(np.abs(x)), 1e-30)
         errs.append(np.max(np.abs(x - y)) / scale)
     return max(errs)
+
+
+def wait_command(client, command_id, timeout=60.0):
+    """Poll a control server (an ``httpx.Client``) until command ``command_id`` succeeded or failed; its record."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        record = client.get(f"/api/commands/{command_id}").json()
+        if record.get("status") in ("succeeded", "failed"):
+            return record
+        assert time.monotonic() < deadline, record
+        time.sleep(0.02)

@@ -23,6 +23,7 @@ pytest.importorskip("uvicorn")
 
 from metagrad.interactive import (AgentRunner, CommandError, RuleAgent, Trainer, build_problem,  # noqa: E402
                                   fingerprint, read_log, replay_log)
+from conftest import wait_command  # noqa: E402
 from metagrad.interactive.agents import wait_until  # noqa: E402
 from metagrad.interactive.commands import parse_command  # noqa: E402
 from metagrad.interactive.problems import BUILTIN_SPEC  # noqa: E402
@@ -58,17 +59,6 @@ def serve():
         trainer.request_stop()
         trainer.join(10)
         server.stop()
-
-
-def wait_command(client, command_id, timeout=60.0):
-    done = {}
-
-    def finished():
-        done.update(client.get(f"/api/commands/{command_id}").json())
-        return done.get("status") in ("succeeded", "failed")
-
-    assert wait_until(finished, timeout), done
-    return done
 
 
 def ws_url(server, **query):

@@ -18,6 +18,7 @@ pytest.importorskip("uvicorn")
 
 from metagrad.interactive import (AgentRunner, OpenAIChatAgent, RuleAgent, Trainer, build_problem,  # noqa: E402
                                   fingerprint, parse_action, replay_log)
+from conftest import wait_command  # noqa: E402
 from metagrad.interactive.agents import wait_until  # noqa: E402
 from metagrad.interactive.server import ControlServer  # noqa: E402
 
@@ -47,17 +48,6 @@ def served(tmp_path):
     trainer.request_stop()
     trainer.join(10)
     server.stop()
-
-
-def wait_command(client, command_id, timeout=30.0):
-    done = {}
-
-    def finished():
-        done.update(client.get(f"/api/commands/{command_id}").json())
-        return done.get("status") in ("succeeded", "failed")
-
-    assert wait_for(finished, timeout), done
-    return done
 
 
 def test_token_is_required_everywhere(served):
