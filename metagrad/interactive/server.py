@@ -315,7 +315,7 @@ def create_app(trainer: Trainer, token: str, *, max_body: int = MAX_BODY_BYTES, 
 
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str):
-        if name not in ("app.js", "style.css"):
+        if name not in ("app.js", "style.css", "uPlot.iife.min.js", "uPlot.min.css"):
             raise HTTPException(404, "no such file.")
         return FileResponse(os.path.join(STATIC_DIR, name))
 

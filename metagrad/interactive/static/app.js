@@ -4,7 +4,7 @@
 // the token from its URL (and the browser's history) and every call below rides on the cookie.
 if (new URLSearchParams(location.search).has("token")) history.replaceState(null, "", location.pathname);
 const COLORS = ["#1a56db", "#d9480f", "#2b8a3e", "#862e9c", "#c2255c", "#0b7285", "#5c940d", "#e67700"];
-const state = { metrics: [], evals: [], run: null, hyper: {}, lastSeq: 0, drawQueued: false };
+const state = { metrics: [], evals: [], branches: new Map(), run: null, hyper: {}, lastSeq: 0, drawQueued: false };
 
 class ApiError extends Error { constructor(status, message) { super(message); this.status = status; } }
 
@@ -93,28 +93,68 @@ async function refreshRun() {
   }
 }
 
-async function refreshCheckpoints() {
-  const [ckpts, branches] = await Promise.all([api("/api/checkpoints"), api("/api/branches")]);
-  const tbody = document.querySelector("#ckpt-table tbody");
-  tbody.innerHTML = "";
-  for (const c of ckpts) {
-    const tr = document.createElement("tr");
-    tr.innerHTML = `<td>${c.id}</td><td>${c.step}</td><td>${c.branch}</td>`;
-    const td = document.createElement("td");
-    const b = document.createElement("button"); b.textContent = "Load"; b.id = "load-" + c.id;
-    b.onclick = () => send({ command: "load_checkpoint", checkpoint: c.id });
-    td.append(b); tr.append(td); tbody.append(tr);
+// the server's rule for a branch name (load_checkpoint's branch_name)
+const BRANCH_NAME = /^[A-Za-z0-9_. -]{1,64}$/;
+
+function loadCheckpoint(id) {
+  const name = document.getElementById("branch-name-" + id).value.trim();
+  if (name && !BRANCH_NAME.test(name)) {
+    noteCommand({ id: "–", command: "load_checkpoint", status: "failed",
+                  reason: "a branch name has at most 64 letters, digits, spaces or _ . -" });
+    return;
   }
+  send(name ? { command: "load_checkpoint", checkpoint: id, branch_name: name }
+            : { command: "load_checkpoint", checkpoint: id });
+}
+
+// rows are kept across refreshes (keyed by checkpoint id) so that a branch name being typed survives them
+const ckptRows = new Map();
+function checkpointRow(c) {
+  const tr = document.createElement("tr");
+  for (let i = 0; i < 3; i++) tr.append(document.createElement("td"));
+  const td = document.createElement("td");
+  const input = document.createElement("input");
+  input.id = "branch-name-" + c.id; input.placeholder = "branch name"; input.maxLength = 64; input.size = 12;
+  const b = document.createElement("button"); b.textContent = "Load"; b.id = "load-" + c.id;
+  b.onclick = () => loadCheckpoint(c.id);
+  td.append(input, " ", b); tr.append(td);
+  return tr;
+}
+
+function renderCheckpoints(ckpts) {
+  const tbody = document.querySelector("#ckpt-table tbody");
+  const seen = new Set();
+  for (const c of ckpts) {
+    seen.add(c.id);
+    if (!ckptRows.has(c.id)) ckptRows.set(c.id, checkpointRow(c));
+    const tr = ckptRows.get(c.id);
+    [c.id, c.step, c.branch].forEach((v, i) => { tr.children[i].textContent = v; });
+    tbody.append(tr);  // appending an attached row moves it: the table follows the server's order
+  }
+  for (const [id, tr] of ckptRows) if (!seen.has(id)) { tr.remove(); ckptRows.delete(id); }
+}
+
+function branchText(b) {
+  const own = b.name ? `${b.name} (branch ${b.id})` : `branch ${b.id}`;
+  if (b.parent === null) return own;
+  return `${own} ← ${b.checkpoint} (step ${b.fork_step} of ${branchLabel(b.parent)})`;
+}
+
+function renderBranches(branches) {
   const current = state.run ? state.run.branch : 0;
   const children = new Map();
-  for (const b of branches) { const k = b.parent === null ? "root" : b.parent; if (!children.has(k)) children.set(k, []); children.get(k).push(b); }
+  for (const b of branches) {
+    const k = b.parent === null ? "root" : b.parent;
+    if (!children.has(k)) children.set(k, []);
+    children.get(k).push(b);
+  }
   function render(b) {
     const li = document.createElement("li");
     const span = document.createElement("span");
     span.className = "branch" + (b.id === current ? " current" : "");
     span.dataset.branch = b.id; span.id = "branch-" + b.id;
-    span.textContent = b.parent === null ? `branch ${b.id} (main)` : `branch ${b.id} ← ${b.checkpoint} (step ${b.fork_step} of branch ${b.parent})`;
-    span.style.color = COLORS[b.id % COLORS.length];
+    span.textContent = branchText(b);
+    span.style.color = branchColor(b.id);
     li.append(span);
     const kids = children.get(b.id) || [];
     if (kids.length) { const ul = document.createElement("ul"); for (const k of kids) ul.append(render(k)); li.append(ul); }
@@ -123,6 +163,14 @@ async function refreshCheckpoints() {
   const root = document.createElement("ul");
   for (const b of children.get("root") || []) root.append(render(b));
   const tree = document.getElementById("branch-tree"); tree.innerHTML = ""; tree.append(root);
+}
+
+async function refreshCheckpoints() {
+  const [ckpts, branches] = await Promise.all([api("/api/checkpoints"), api("/api/branches")]);
+  state.branches = new Map(branches.map(b => [b.id, b]));
+  renderCheckpoints(ckpts);
+  renderBranches(branches);
+  queueDraw();  // the charts' legends name the branches
 }
 
 async function refreshLog() {
@@ -160,53 +208,178 @@ function refreshAll() {
   return refreshing;
 }
 
-function drawLines(canvas, series, { log = false, dots = [] } = {}) {
-  const ctx = canvas.getContext("2d");
-  const W = canvas.width, H = canvas.height, L = 52, R = 8, T = 8, B = 22;
-  ctx.clearRect(0, 0, W, H);
-  const all = series.flatMap(s => s.points).concat(dots.flatMap(s => s.points));
-  if (!all.length) return;
-  const tf = v => log ? Math.log10(Math.max(v, 1e-12)) : v;
-  const xs = all.map(p => p[0]), ys = all.map(p => tf(p[1])).filter(Number.isFinite);
-  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
-  let y0 = Math.min(...ys), y1 = Math.max(...ys); if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
-  const X = x => L + (x - x0) / (x1 - x0) * (W - L - R), Y = y => T + (1 - (tf(y) - y0) / (y1 - y0)) * (H - T - B);
-  ctx.strokeStyle = "#ccd"; ctx.fillStyle = "#556"; ctx.font = "11px sans-serif"; ctx.lineWidth = 1;
-  for (let i = 0; i <= 4; i++) {
-    const yv = y0 + (y1 - y0) * i / 4, py = T + (1 - i / 4) * (H - T - B);
-    ctx.beginPath(); ctx.moveTo(L, py); ctx.lineTo(W - R, py); ctx.stroke();
-    ctx.fillText(fmt(log ? Math.pow(10, yv) : yv), 2, py + 4);
-  }
-  ctx.fillText(String(x0), L, H - 6); ctx.fillText(String(x1), W - R - 30, H - 6);
-  for (const s of series) {
-    ctx.strokeStyle = s.color; ctx.lineWidth = 1.3; ctx.beginPath();
-    s.points.forEach((p, i) => { const px = X(p[0]), py = Y(p[1]); i ? ctx.lineTo(px, py) : ctx.moveTo(px, py); });
-    ctx.stroke();
-  }
-  for (const s of dots) {
-    ctx.fillStyle = s.color;
-    for (const p of s.points) { ctx.beginPath(); ctx.arc(X(p[0]), Y(p[1]), 3, 0, 2 * Math.PI); ctx.fill(); }
-  }
-}
+// ---- charts (uPlot) ----
+// uPlot wants every series on one shared x: x is the sorted union of the steps of a chart's tracks, a step a
+// track has no point at is `undefined` (uPlot draws across it) and a non-finite value is `null` (a gap).
+window.charts = {};
+const zoom = {};  // chart name -> {min, max} of a drag-zoom on x, kept across data updates; null: whole run
 
-function byBranch(rows, key) {
+function branchLabel(id) {
+  const b = state.branches.get(id);
+  return b && b.name ? b.name : `branch ${id}`;
+}
+function branchColor(id) { return COLORS[id % COLORS.length]; }
+
+function finite(v, log) { return v == null || !Number.isFinite(v) || (log && v <= 0) ? null : v; }
+
+// rows -> Map(branch -> Map(step -> value)), the branches in id order
+function byBranch(rows, key, log) {
   const m = new Map();
-  for (const r of rows) { if (!m.has(r.branch)) m.set(r.branch, []); m.get(r.branch).push([r.step, r[key]]); }
-  return [...m.entries()].map(([b, points]) => ({ color: COLORS[b % COLORS.length], points }));
+  for (const r of rows) {
+    if (!m.has(r.branch)) m.set(r.branch, new Map());
+    m.get(r.branch).set(r.step, finite(r[key], log));
+  }
+  return new Map([...m.entries()].sort((a, b) => a[0] - b[0]));
 }
 
-function smooth(points, k) {
-  if (points.length < 3) return points;
-  const out = []; let acc = null;
-  for (const [x, y] of points) { acc = acc === null ? y : acc + (y - acc) / k; out.push([x, acc]); }
+// an exponential moving average that skips gaps (a gap stays a gap)
+function smooth(values, k) {
+  const out = new Map(); let acc = null;
+  for (const [x, y] of values) {
+    if (y !== null) acc = acc === null ? y : acc + (y - acc) / k;
+    out.set(x, y === null ? null : acc);
+  }
   return out;
+}
+
+function tracksOf(rows, key, { log = false, kind = "line", suffix = "", smoothK = 0 } = {}) {
+  return [...byBranch(rows, key, log)].map(([b, values]) => ({
+    label: branchLabel(b) + suffix, color: branchColor(b), kind,
+    values: smoothK ? smooth(values, smoothK) : values }));
+}
+
+// `extra`: more steps for x, so that a sparse chart (validation accuracy) spans the same steps as the others
+function align(tracks, extra = []) {
+  const steps = new Set(extra);
+  for (const t of tracks) for (const s of t.values.keys()) steps.add(s);
+  const xs = Float64Array.from(steps).sort();
+  const index = new Map(); xs.forEach((s, i) => index.set(s, i));
+  const ys = tracks.map(t => {
+    const y = new Array(xs.length).fill(undefined);
+    for (const [s, v] of t.values) y[index.get(s)] = v;
+    return y;
+  });
+  return [Array.from(xs), ...ys];
+}
+
+function tick(v) {
+  if (v == null) return "";
+  const a = Math.abs(v);
+  return a !== 0 && (a < 1e-2 || a >= 1e4) ? v.toExponential(0) : String(+v.toPrecision(3));
+}
+
+// log axes: decades only (with 2 and 5 between them over a short range), not uPlot's every 1..9 x 10^k
+function logSplits(u, axisIdx, min, max) {
+  if (!(min > 0 && max >= min && Number.isFinite(max))) return [];  // no data yet
+  const lo = Math.floor(Math.log10(min)), hi = Math.ceil(Math.log10(max));
+  const mantissas = hi - lo <= 2 ? [1, 2, 5] : [1];
+  const out = [];
+  for (let e = lo; e <= hi; e++) {
+    for (const m of mantissas) { const v = +(m * 10 ** e).toPrecision(12); if (v >= min * (1 - 1e-9) && v <= max * (1 + 1e-9)) out.push(v); }
+  }
+  return out;
+}
+
+// which log-axis ticks get a label: decades first, then 2s and 5s, each at least 22 px from those labelled
+function logLabels(u, splits) {
+  const pos = splits.map(v => u.valToPos(v, "y"));
+  const isDecade = v => Math.abs(Math.log10(v) - Math.round(Math.log10(v))) < 1e-9;
+  const kept = [];
+  const fits = i => kept.every(j => Math.abs(pos[i] - pos[j]) >= 22);
+  for (const decades of [true, false]) {
+    splits.forEach((v, i) => { if (isDecade(v) === decades && fits(i)) kept.push(i); });
+  }
+  return splits.map((v, i) => kept.includes(i) ? v : null);
+}
+
+function lastValue(ys) {
+  for (let i = ys.length - 1; i >= 0; i--) if (ys[i] != null) return ys[i];
+  return null;
+}
+
+// the legend shows the hovered step's values (– for a branch with no point near it), and each series'
+// latest value while the cursor is off the chart
+const hovering = u => u.cursor.left >= 0;
+function legendValue(u, v, si, idx) { return idx != null ? fmt(v) : hovering(u) ? "–" : fmt(lastValue(u.data[si])); }
+function stepValue(u, v, si, idx) { return idx != null ? String(v) : hovering(u) ? "–" : "latest"; }
+
+function seriesOpts(t) {
+  const common = { label: t.label, stroke: t.color, value: legendValue };
+  if (t.kind === "points") return { ...common, paths: () => null, points: { show: true, size: 7, fill: t.color } };
+  if (t.kind === "linepoints") return { ...common, width: 1.5, points: { show: true, size: 5, fill: t.color } };
+  return { ...common, width: 1.5, points: { show: false } };
+}
+
+const CHARTS = {
+  loss: { el: "loss-chart", height: 260, log: () => document.getElementById("loss-log").checked,
+          tracks: log => tracksOf(state.metrics, "train_loss", { log, smoothK: 5, suffix: " train" })
+            .concat(tracksOf(state.evals, "val_loss", { log, kind: "points", suffix: " val" })) },
+  lr: { el: "lr-chart", height: 160, log: () => true, tracks: log => tracksOf(state.metrics, "lr", { log }) },
+  grad: { el: "grad-chart", height: 160, log: () => true,
+          tracks: log => tracksOf(state.metrics, "grad_norm", { log }) },
+  acc: { el: "acc-chart", height: 160, log: () => false, range: [0, 1], allSteps: true,
+         tracks: () => tracksOf(state.evals, "val_accuracy", { kind: "linepoints" }) },
+};
+
+function noteZoom(name, u) {
+  const xs = u.data[0], sc = u.scales.x;
+  if (!xs.length || sc.min == null) return;
+  const whole = sc.min <= xs[0] + 1e-9 && sc.max >= xs[xs.length - 1] - 1e-9;
+  zoom[name] = whole ? null : { min: sc.min, max: sc.max };
+}
+
+const GRID = { stroke: "#e6e9ef", width: 1 };
+
+function makeChart(name, spec, tracks, log, data) {
+  const el = document.getElementById(spec.el);
+  const opts = {
+    width: Math.max(300, el.clientWidth), height: spec.height,
+    // hovering one chart shows the same step on the others; a branch's value is shown only within 30 px of
+    // the cursor (uPlot's default is the nearest point however far: another branch's distant fork)
+    cursor: { sync: { key: "metagrad-steps" }, hover: { prox: 30 } },
+    scales: { x: { time: false }, y: log ? { distr: 3 } : spec.range ? { range: spec.range } : {} },
+    axes: [{ label: "step", labelSize: 20, grid: GRID },
+           { size: 56, grid: GRID, values: (u, splits) => splits.map(tick),
+             ...(log ? { splits: logSplits, filter: logLabels } : {}) }],
+    series: [{ label: "step", value: stepValue }, ...tracks.map(seriesOpts)],
+    hooks: { setScale: [(u, key) => { if (key === "x") noteZoom(name, u); }] },
+  };
+  const keep = zoom[name];
+  el.innerHTML = "";
+  const u = new uPlot(opts, data, el);
+  if (keep) u.setScale("x", keep);
+  return u;
+}
+
+function drawChart(name, spec) {
+  const log = spec.log();
+  const tracks = spec.tracks(log);
+  const data = align(tracks, spec.allSteps ? state.metrics.map(m => m.step) : []);
+  // a new branch, a branch's new name or the log toggle change the series or the scale: build the chart anew
+  const shape = JSON.stringify([log, tracks.map(t => [t.label, t.color, t.kind])]);
+  let u = window.charts[name];
+  if (!u || u.metagradShape !== shape) {
+    if (u) u.destroy();
+    u = window.charts[name] = makeChart(name, spec, tracks, log, data);
+    u.metagradShape = shape;
+  } else if (zoom[name]) {
+    u.setData(data, false);
+    u.setScale("x", zoom[name]);
+  } else {
+    u.setData(data);
+  }
 }
 
 function draw() {
   state.drawQueued = false;
-  const loss = byBranch(state.metrics, "train_loss").map(s => ({ color: s.color, points: smooth(s.points, 5) }));
-  drawLines(document.getElementById("loss-chart"), loss, { dots: byBranch(state.evals, "val_loss") });
-  drawLines(document.getElementById("lr-chart"), byBranch(state.metrics, "lr"), { log: true });
+  for (const [name, spec] of Object.entries(CHARTS)) drawChart(name, spec);
+}
+
+function resizeCharts() {
+  for (const [name, spec] of Object.entries(CHARTS)) {
+    const u = window.charts[name], el = document.getElementById(spec.el);
+    if (u) u.setSize({ width: Math.max(300, el.clientWidth), height: spec.height });
+  }
 }
 function queueDraw() { if (!state.drawQueued) { state.drawQueued = true; requestAnimationFrame(draw); } }
 
@@ -242,6 +415,8 @@ function layerCommand(kind, extra) {
 
 function wire() {
   const on = (id, fn) => document.getElementById(id).addEventListener("click", fn);
+  document.getElementById("loss-log").addEventListener("change", queueDraw);
+  window.addEventListener("resize", resizeCharts);
   on("btn-pause", () => send({ command: "pause" }));
   on("btn-resume", () => send({ command: "resume" }));
   on("btn-stop", () => { if (confirm("Stop the run? It cannot be resumed.")) send({ command: "stop" }); });
