@@ -225,6 +225,8 @@ class AgentRunner:
 
     def on_event(self, ev: dict) -> None:
         kind = ev.get("type")
+        if kind == "metrics" and (ev.get("train_loss") is None or ev.get("lr") is None):
+            return  # a problem without a training loss or an LR (any metagrad.Problem): nothing to steer by
         if kind == "metrics":
             if self._branch is not None and ev["branch"] != self._branch:
                 self.view.steps_since_change = 0  # a new branch: judge it on fresh steps
@@ -251,7 +253,7 @@ class AgentRunner:
             self._trim(self.view.train_loss)
             if self.view.step - self._last_decision_step >= self.every:
                 self._act()
-        elif kind == "eval":
+        elif kind == "eval" and ev.get("val_loss") is not None:
             self.view.val_loss.append(ev["val_loss"])
             self._trim(self.view.val_loss)
         elif kind == "status":
