@@ -402,3 +402,29 @@ def test_a_bare_step_and_objective_are_steered(tmp_path):
     assert trainer.evaluate()["val_loss"] < 1e-3
     assert trainer.metrics[-1]["lr"] == pytest.approx(0.1)
     assert replay_log(log, problem).matches is True
+
+
+def test_an_optax_chain_with_injected_hyperparameters_is_steered(tmp_path):
+    """clip + AdamW, the researcher's daily chain: the injected state sits inside the chain's tuple."""
+    import dataclasses as dc
+
+    import optax
+
+    base = build_problem(SPEC)
+    chain = optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2))
+    problem = dc.replace(base, optimizer=chain)
+    log = str(tmp_path / "chain.jsonl")
+    trainer = Trainer(problem, log_path=log, eval_every=0)
+    assert trainer.hyperparams()["learning_rate"] == pytest.approx(1e-2)
+    for _ in range(5):
+        assert trainer.step_once()
+    trainer.apply(parse_command({"command": "set_hyperparams", "values": {"learning_rate": 3e-3}}))
+    assert trainer.step_once() and trainer.metrics[-1]["lr"] == pytest.approx(3e-3)
+    suggestion = trainer.apply(parse_command({"command": "suggest_lr", "window": 5}))
+    assert suggestion["lr"] == pytest.approx(3e-3) and np.isfinite(suggestion["dval_dlr"])
+    while trainer.t < trainer.num_steps:
+        assert trainer.step_once()
+    trainer.finish()
+    assert replay_log(log, problem).matches is True
+    with pytest.raises(TypeError, match="inject_hyperparams"):
+        Trainer(dc.replace(base, optimizer=optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))))

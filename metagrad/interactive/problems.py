@@ -26,6 +26,7 @@ from ..meta import DataWeights
 from ..models import MLP
 from ..problem import check_problem
 from ..training import TrainingProblem
+from .hyperparams import injected_hyperparams
 
 #: The problem ``metagrad interactive`` runs when given no other: an MLP on MNIST-1D with momentum SGD.
 BUILTIN_SPEC = {
@@ -133,15 +134,15 @@ def _build_problem(spec: dict) -> TrainingProblem:
 
 def interactive_problem(problem: TrainingProblem) -> TrainingProblem:
     """``problem`` made steerable: no LR schedule (the LR lives in the optimizer state) and per-example weights on."""
-    if problem.lr_schedule is None and problem.data_weights == _WEIGHTS:
-        return problem
     probe = problem.optimizer.init({"w": np.zeros((1,), np.float32)})
-    if not hasattr(probe, "hyperparams"):
-        raise TypeError("an interactive run needs an optimizer built with optax.inject_hyperparams, e.g. "
-                        "optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9), so that its "
-                        "hyperparameters can be set between steps.")
+    if "learning_rate" not in (injected_hyperparams(probe) or {}):
+        raise TypeError("an interactive run needs an optimizer built with optax.inject_hyperparams (outermost or "
+                        "inside an optax.chain), e.g. optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, "
+                        "momentum=0.9), so that its learning rate and other hyperparameters can be set between steps.")
     if problem.poison is not None:
         raise ValueError("interactive runs do not support a poison metaparameter; build the problem without it.")
+    if problem.lr_schedule is None and problem.data_weights == _WEIGHTS:
+        return problem
     return dataclasses.replace(problem, lr_schedule=None, data_weights=_WEIGHTS)
 
 

@@ -20,6 +20,7 @@ import optax
 import replay
 
 from ..problem import stream_key
+from .hyperparams import injected_hyperparams, with_hyperparams
 from ..training import TrainingProblem
 
 
@@ -84,11 +85,11 @@ class SteeredRun:
 
     def step(self, state, meta, i):
         opt_state = state["opt_state"]
-        hp = dict(opt_state.hyperparams)
+        hp = dict(injected_hyperparams(opt_state))
         hp["learning_rate"] = meta["lr_schedule"][i].astype(jnp.result_type(hp["learning_rate"]))
         for name, values in meta["hyperparams"].items():
             hp[name] = values[i].astype(jnp.result_type(hp[name]))
-        state = {**state, "opt_state": opt_state._replace(hyperparams=hp)}
+        state = {**state, "opt_state": with_hyperparams(opt_state, hp)}
         frozen = {layer: mask[i] for layer, mask in meta["frozen"].items()}
         return controlled_step(self.problem, state, frozen, meta["data_weights"], meta["t0"] + i)
 
@@ -113,7 +114,7 @@ def steered_run(problem: TrainingProblem) -> SteeredRun:
 
 def window_meta(state, frozen: dict, data_weights, t0: int, window: int, lr: float | None = None) -> dict:
     """Metaparameters of the next ``window`` steps holding the current hyperparameters and freeze masks constant."""
-    hp = state["opt_state"].hyperparams
+    hp = injected_hyperparams(state["opt_state"])
     lr_dtype = jnp.result_type(hp["learning_rate"])
     lr = hp["learning_rate"] if lr is None else lr
     others = {name: jnp.full((window,), value, jnp.result_type(value)) for name, value in hp.items()

@@ -35,6 +35,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from . import steps as steps_lib
+from .hyperparams import injected_hyperparams, with_hyperparams
 from .commands import NON_MUTATING, CommandError, describe_validation_error, new_record, parse_command
 from ..problem import check_problem, stream_key
 from ..training import TrainingProblem
@@ -144,7 +145,7 @@ class Trainer:
     def hyperparams(self) -> dict:
         """The scalar hyperparameters of the state's ``optax.inject_hyperparams`` optimizer state ({} if none)."""
         opt_state = self.state.get("opt_state") if isinstance(self.state, dict) else None
-        hp = getattr(opt_state, "hyperparams", None) or {}
+        hp = injected_hyperparams(opt_state) or {}
         return {name: float(np.asarray(v)) for name, v in hp.items() if np.ndim(v) == 0}
 
     def info(self) -> dict:
@@ -331,10 +332,10 @@ class Trainer:
     # -- handlers (run under the lock, in the trainer thread)
     def _cmd_set_hyperparams(self, cmd):
         opt_state = self.state["opt_state"]
-        hp = dict(opt_state.hyperparams)
+        hp = dict(injected_hyperparams(opt_state))
         for name, value in cmd.values.items():
             hp[name] = jnp.asarray(value, dtype=jnp.result_type(hp[name]))
-        self.state = {**self.state, "opt_state": opt_state._replace(hyperparams=hp)}
+        self.state = {**self.state, "opt_state": with_hyperparams(opt_state, hp)}
         if "learning_rate" in cmd.values:
             self.lr_source = self._seq
         return {"hyperparams": self.hyperparams()}
@@ -608,7 +609,7 @@ def suggest_lr(problem, state, frozen, data_weights, t0: int, window: int, k: in
     i.e. at most a doubling or a halving. The validation loss after the window at both LRs is reported.
     """
     run = steps_lib.steered_run(problem)
-    lr = float(np.asarray(state["opt_state"].hyperparams["learning_rate"]))
+    lr = float(np.asarray(injected_hyperparams(state["opt_state"])["learning_rate"]))
     meta = steps_lib.window_meta(state, frozen, data_weights, t0, window)
     value, grad = run.value_and_metagrad(state, meta, window, k=k)
     per_step = np.asarray(grad["lr_schedule"], np.float64)
