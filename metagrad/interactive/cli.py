@@ -35,7 +35,7 @@ def add_interactive_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("mnist1d", "blobs"), help="the built-in problem's data (default mnist1d)")
     p.add_argument("--problem", metavar="MODULE:FUNCTION",
                    help="steer your own problem: FUNCTION() in MODULE returns a metagrad.TrainingProblem (any flax "
-                        "model and data; its optimizer from optax.inject_hyperparams)")
+                        "model and data; its optimizer from optax.inject_hyperparams) or any metagrad.Problem")
     p.add_argument("--eval-every", type=nonnegative_int, default=50,
                    help="steps between validation evaluations (0: only on request)")
     p.add_argument("--step-delay", type=nonnegative_float, default=0.01,
@@ -214,8 +214,9 @@ def run_interactive(args) -> int:
         agent.stop()
     server.stop()
     final = trainer.evaluate()
-    print(f"run ended at step {end['step']} on branch {end['branch']}: validation loss {final['val_loss']:.4f}, "
-          f"accuracy {final['val_accuracy']:.3f}; log: {log_path}", flush=True)
+    scores = ", ".join(f"{name.replace('_', ' ')} {value:.4g}" for name, value in final.items()
+                       if name not in ("step", "branch"))
+    print(f"run ended at step {end['step']} on branch {end['branch']}: {scores}; log: {log_path}", flush=True)
     if agent is not None:
         changes = [d for d in agent.decisions if d[1] != "Same"]
         print(f"the agent acted {len(changes)} times: " + ", ".join(f"{a} at step {s}" for s, a, *_ in changes[:12])
