@@ -128,3 +128,27 @@ def wait_command(client, command_id, timeout=60.0):
             return record
         assert time.monotonic() < deadline, record
         time.sleep(0.02)
+
+
+@pytest.fixture
+def serve():
+    """``serve(trainer) -> (server, client)``: a real control server on 127.0.0.1 and an ``httpx.Client`` holding
+    its token; every trainer and server started is stopped at the end."""
+    import httpx
+
+    from metagrad.interactive.server import ControlServer
+
+    started = []
+
+    def start(trainer):
+        server = ControlServer(trainer).start()
+        client = httpx.Client(base_url=server.base_url, headers={"X-Token": server.token}, timeout=30)
+        started.append((trainer, server, client))
+        return server, client
+
+    yield start
+    for trainer, server, client in started:
+        client.close()
+        trainer.request_stop()
+        trainer.join(10)
+        server.stop()

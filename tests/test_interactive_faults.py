@@ -27,7 +27,7 @@ from conftest import wait_command  # noqa: E402
 from metagrad.interactive.agents import wait_until  # noqa: E402
 from metagrad.interactive.commands import parse_command  # noqa: E402
 from metagrad.interactive.problems import BUILTIN_SPEC  # noqa: E402
-from metagrad.interactive.server import ControlServer, cookie_name  # noqa: E402
+from metagrad.interactive.server import cookie_name  # noqa: E402
 from metagrad.interactive.trainer import MAX_MEMORY_CHECKPOINTS  # noqa: E402
 
 SPEC = {"dataset": {"name": "blobs", "num_examples": 300}, "model": {"name": "mlp", "hidden": [12]},
@@ -40,25 +40,6 @@ def strict_json(text: str):
     def refuse(name):
         raise ValueError(f"{name} is not JSON")
     return json.loads(text, parse_constant=refuse)
-
-
-@pytest.fixture
-def serve():
-    """``serve(trainer)`` starts a real server on loopback; everything started is stopped at the end."""
-    started = []
-
-    def start(trainer):
-        server = ControlServer(trainer).start()
-        client = httpx.Client(base_url=server.base_url, headers={"X-Token": server.token}, timeout=30)
-        started.append((trainer, server, client))
-        return server, client
-
-    yield start
-    for trainer, server, client in started:
-        client.close()
-        trainer.request_stop()
-        trainer.join(10)
-        server.stop()
 
 
 def ws_url(server, **query):

@@ -37,17 +37,12 @@ def wait_for(predicate, timeout=30.0, interval=0.02):
 
 
 @pytest.fixture
-def served(tmp_path):
+def served(tmp_path, serve):
     """A paused trainer (it steps only when told to resume) behind a real server on 127.0.0.1."""
     trainer = Trainer(build_problem(SPEC), spec=SPEC, log_path=str(tmp_path / "log.jsonl"), eval_every=10,
                       min_step_seconds=0.01, start_paused=True).start()
-    server = ControlServer(trainer).start()
-    client = httpx.Client(base_url=server.base_url, headers={"X-Token": server.token}, timeout=30)
-    yield trainer, server, client
-    client.close()
-    trainer.request_stop()
-    trainer.join(10)
-    server.stop()
+    server, client = serve(trainer)
+    return trainer, server, client
 
 
 def test_token_is_required_everywhere(served):

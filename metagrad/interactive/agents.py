@@ -238,10 +238,10 @@ class AgentRunner:
             self.view.steps_since_change += 1
             self.view.lr.append(ev["lr"])
             self.view.train_loss.append(ev["train_loss"])
-            self._first_losses.append(ev["train_loss"])
-            w = getattr(self.policy, "window", self.every)
-            if self.view.initial_loss is None and len(self._first_losses) >= w:
-                self.view.initial_loss = _mean(self._first_losses[:w])
+            if self.view.initial_loss is None:  # the run's first window, kept once
+                self._first_losses.append(ev["train_loss"])
+                if len(self._first_losses) >= getattr(self.policy, "window", self.every):
+                    self.view.initial_loss = _mean(self._first_losses)
             if self.checkpoints and self.best_checkpoint is None and math.isfinite(ev["train_loss"]):
                 # the first rollback target: (about) the start, with its loss as the bar later ones must beat
                 name = f"agent-start-{ev['step'] + 1}"

@@ -48,22 +48,25 @@ def step_metrics(problem: TrainingProblem, state, data_weights, t):
     return loss, optax.global_norm(grads)
 
 
+def all_finite(tree):
+    """Traced: whether every floating-point leaf of ``tree`` is finite (integer leaves, step counters, pass)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def train_step(problem: TrainingProblem, state, frozen, data_weights, t):
     """``(state_{t+1}, metrics)``: the trainer's compiled step (the replay of a log runs this same function)."""
     loss, grad_norm = step_metrics(problem, state, data_weights, t)
     new = controlled_step(problem, state, frozen, data_weights, t)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new["params"])]))
-    return new, {"train_loss": loss, "grad_norm": grad_norm, "finite": finite & jnp.isfinite(loss)}
+    return new, {"train_loss": loss, "grad_norm": grad_norm, "finite": all_finite(new["params"]) & jnp.isfinite(loss)}
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def problem_step(problem, state, meta, t):
     """``(state_{t+1}, {"finite": ...})`` of any :class:`metagrad.Problem` at metaparameters ``meta``."""
     new = problem.step(state, meta, t)
-    leaves = [x for x in jax.tree.leaves(new) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
-    return new, {"finite": finite}
+    return new, {"finite": all_finite(new)}
 
 
 @functools.partial(jax.jit, static_argnums=0)

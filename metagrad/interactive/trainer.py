@@ -325,8 +325,7 @@ class Trainer:
                  "mutating": command.command not in NON_MUTATING}
         if command.command == "save_checkpoint":
             entry["checkpoint"] = result["checkpoint"]["id"]
-        with self._lock:
-            self.log.write(entry)
+        self.log.write(entry)  # the log has its own lock
         return result
 
     # -- handlers (run under the lock, in the trainer thread)
