@@ -215,41 +215,19 @@ def _select_data(args) -> int:
 
 
 def _audit_poison(args) -> int:
-    import optax
+    from .apps import poisoning as app
 
-    from .apps import poisoning
-    from .data import load_dataset
-    from .mgd import checkpoint_folder, run_settings
-    from .models import CNN1D, MLP
-    from .training import TrainingProblem
-
-    dataset = load_dataset(args.data, standardize=False)
-    if args.model == "cnn":
-        model = CNN1D(channels=tuple(args.channels), num_classes=dataset.num_classes)
-    else:
-        model = MLP(hidden=tuple(args.hidden), num_classes=dataset.num_classes)
-    base = TrainingProblem(model,
-                           optax.sgd(args.lr, momentum=0.9), dataset, num_steps=args.num_steps,
-                           batch_size=min(args.batch_size, dataset.num_train), lr_schedule=None)
-    saved_delta, saved_indices = poisoning.load_poison(args.poison) if args.poison else (None, None)
-    settings = run_settings(args, extendable=not poisoning.schedule_depends_on_meta_steps(args.final_step_fraction,
-                                                                                          args.refine_steps))
-    report = poisoning.audit(base, fraction=args.fraction, eps=args.eps, meta_steps=args.meta_steps,
-                             attack_seeds=tuple(range(args.attack_seeds)),
-                             seeds_per_step=args.seeds_per_step or None,
-                             final_step_fraction=args.final_step_fraction, refine_steps=args.refine_steps,
-                             eval_seeds=tuple(range(1000, 1000 + args.eval_seeds)), choose=args.choose,
-                             checkpoint_dir=None if args.poison else checkpoint_folder(args.out, fresh=args.fresh,
-                                                                                       settings=settings),
-                             progress=not args.no_progress,
-                             poison_delta=saved_delta, poison_indices=saved_indices)
-    report["dataset"] = args.data
-    if args.poison is not None:
-        report["poison_source"] = os.path.abspath(args.poison)
-    poisoning.write_audit_report(report, args.out)
-    print(poisoning.audit_table(report))
-    print(f"wrote {os.path.join(args.out, 'report.json')} and {os.path.join(args.out, 'poisoning.png')}")
-    return 0
+    saved_delta, saved_indices = app.load_poison(args.poison) if args.poison else (None, None)
+    attack = app.PoisonAttack(fraction=args.fraction, eps=args.eps, meta_steps=args.meta_steps,
+                              refine_steps=args.refine_steps, seeds_per_step=args.seeds_per_step,
+                              choose=args.choose, eval_seeds=tuple(range(100, 100 + args.eval_seeds)))
+    report = app.run_on_data(args.data, args.out, model=args.model, num_steps=args.num_steps,
+                             batch_size=args.batch_size, learning_rate=args.lr, attack=attack, smoke=args.smoke,
+                             fresh=args.fresh, progress=not args.no_progress, poison_delta=saved_delta,
+                             poison_indices=saved_indices)
+    print(f"MGD drop {report['drop_points']['mgd']:.1f} points, {report['ratio_to_best_baseline']:.2f}x the best "
+          f"baseline ({report['best_baseline']})")
+    return _print_outcome(app.audit_table(report), report, args, "poisoning.png")
 
 
 def build_parser() -> tuple[CommandLineParser, dict]:
@@ -273,35 +251,33 @@ def build_parser() -> tuple[CommandLineParser, dict]:
     audit = sub.add_parser("audit-poison",
                            help="how far can poisoning a few training inputs lower test accuracy? (MGD)")
     audit.add_argument("--data", type=dataset_spec, default="mnist1d",
-                       help="'mnist1d', a .npz with arrays x and y, or 'tfds:NAME'")
+                       help="'mnist1d', 'fashion_mnist', a .npz (x, y or x_train, y_train, x_test, y_test) or "
+                            "'tfds:NAME'")
+    audit.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                       help="an MLP 64-64, or a CNN (residual BatchNorm CNN for images, 1-D CNN for sequences)")
     audit.add_argument("--out", type=output_folder, default="poison_audit",
-                       help="output folder (default: ./poison_audit)")
+                       help="output and resume folder (default: ./poison_audit)")
     audit.add_argument("--fraction", type=fraction_in_open_unit_interval, default=0.025,
                        help="fraction of training inputs perturbed, in (0, 1)")
-    audit.add_argument("--eps", type=positive_float, default=2.0, help="L-inf bound of each perturbation (> 0)")
-    audit.add_argument("--meta-steps", type=positive_int, default=120)
-    audit.add_argument("--attack-seeds", type=positive_int, default=4,
-                       help="fixed training seeds the attack averages over (with --seeds-per-step 0)")
-    audit.add_argument("--seeds-per-step", type=nonnegative_int, default=4,
-                       help="fresh training seeds (10000, 10001, ...) drawn at every meta-step; 0: use --attack-seeds")
-    audit.add_argument("--final-step-fraction", type=fraction_in_unit_interval, default=1.0,
-                       help="the signed step decays linearly from eps/8 to this fraction of it (in [0, 1])")
-    audit.add_argument("--refine-steps", type=nonnegative_int, default=0,
+    audit.add_argument("--eps", type=positive_float, default=2.0,
+                       help="L-inf bound of each perturbation in units of each feature's scale (> 0)")
+    audit.add_argument("--meta-steps", type=positive_int, default=60, help="signed MGD steps at eps/8")
+    audit.add_argument("--refine-steps", type=nonnegative_int, default=40,
                        help="meta-steps after --meta-steps whose step anneals linearly from eps/16 to eps/160")
-    audit.add_argument("--eval-seeds", type=positive_int, default=10, help="fresh training seeds for the evaluation")
+    audit.add_argument("--seeds-per-step", type=positive_int, default=4,
+                       help="fresh training seeds (10000, 10001, ...) each meta-step averages over")
+    audit.add_argument("--eval-seeds", type=positive_int, default=10,
+                       help="fresh training seeds (100, 101, ...) every training set is retrained from")
     audit.add_argument("--choose", choices=("random", "influence"), default="influence",
                        help="which inputs to poison: a random subset, or those with the largest metagradient")
     audit.add_argument("--poison", type=existing_file,
                        help="re-score this saved poison_delta.npy instead of running the attack (on the "
                        "examples in poison_indices.npy beside it; without that file they are chosen again)")
-    audit.add_argument("--fresh", action="store_true", help="discard the attack checkpoints in --out/mgd_checkpoints")
-    audit.add_argument("--num-steps", type=positive_int, default=500)
+    audit.add_argument("--num-steps", type=positive_int, default=500, help="training steps per run")
     audit.add_argument("--batch-size", type=positive_int, default=128)
-    audit.add_argument("--lr", type=positive_float, default=0.03)
-    audit.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
-                       help="audited model: an MLP (--hidden) or a 1-D CNN with average pooling (--channels)")
-    audit.add_argument("--hidden", type=positive_int, nargs="+", default=[64, 64])
-    audit.add_argument("--channels", type=positive_int, nargs="+", default=[8, 8], help="CNN channels per layer")
+    audit.add_argument("--lr", type=positive_float, default=0.03, help="momentum SGD's learning rate")
+    audit.add_argument("--smoke", action="store_true", help="every stage at the smallest size (a pipeline check)")
+    audit.add_argument("--fresh", action="store_true", help="discard an earlier run in --out")
     audit.add_argument("--no-progress", action="store_true")
     audit.set_defaults(func=_audit_poison)
 
@@ -346,7 +322,7 @@ def build_parser() -> tuple[CommandLineParser, dict]:
     interactive = add_interactive_parser(sub)  # metagrad interactive
     replay_log = add_replay_log_parser(sub)  # metagrad replay-log LOG
     flag_names = {"demo": _flag_names(demo, {**common, "num_meta_steps": "--meta-steps"}),
-                  "audit-poison": _flag_names(audit, {**common, "num_meta_steps": "--meta-steps"}),
+                  "audit-poison": _flag_names(audit, {**common, "num_meta_steps": "--meta-steps", "learning_rate": "--lr"}),
                   "lr-schedule": _flag_names(lr, {**common, "meta_steps": "--meta-steps"}),
                   "select-data": _flag_names(select, {**common, "meta_steps": "--meta-steps", "keep_fraction": "--keep",
                                                       "learning_rate": "--lr"}),

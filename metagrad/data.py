@@ -19,8 +19,12 @@ from jax import lax
 class Dataset:
     """A classification dataset with train / validation / test splits held in memory.
 
-    ``input_range`` is the valid range of input values (used to keep poisoned
-    inputs valid); it defaults to the range seen in the training inputs.
+    ``input_range`` is the valid range of input values, ``(lo, hi)`` as scalars or
+    as per-feature arrays shaped like one input (used to keep poisoned inputs
+    valid); it defaults to the range of each feature seen in the training inputs.
+    ``feature_scale`` is each feature's unit (an array shaped like one input), in
+    which perturbation budgets are expressed; it defaults to each feature's
+    standard deviation over the training inputs.
     """
 
     x_train: np.ndarray
@@ -31,7 +35,8 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     name: str = "arrays"
-    input_range: tuple[float, float] | None = None
+    input_range: tuple | None = None
+    feature_scale: np.ndarray | None = None
 
     def __post_init__(self):
         for split in ("train", "val", "test"):
@@ -59,7 +64,19 @@ class Dataset:
                 f"val {np.shape(self.x_val)[1:]}, test {np.shape(self.x_test)[1:]}."
             )
         if self.input_range is None:
-            object.__setattr__(self, "input_range", (float(np.min(self.x_train)), float(np.max(self.x_train))))
+            object.__setattr__(self, "input_range", (np.min(self.x_train, axis=0), np.max(self.x_train, axis=0)))
+        if len(self.input_range) != 2:
+            raise ValueError(f"input_range must be (lo, hi), got {self.input_range!r}.")
+        for bound in self.input_range:
+            if np.ndim(bound) and np.shape(bound) != self.input_shape:
+                raise ValueError(f"an input_range bound has shape {np.shape(bound)}: give a number or an array "
+                                 f"shaped like one input {self.input_shape}.")
+        if self.feature_scale is None:
+            object.__setattr__(self, "feature_scale",
+                               np.asarray(np.std(np.asarray(self.x_train, np.float64), axis=0), np.float32))
+        elif np.shape(self.feature_scale) != self.input_shape or np.any(np.asarray(self.feature_scale) < 0):
+            raise ValueError(f"feature_scale must be a non-negative array shaped like one input {self.input_shape}, "
+                             f"got shape {np.shape(self.feature_scale)}.")
 
     @property
     def num_train(self) -> int:
@@ -230,7 +247,10 @@ def standardized(dataset: Dataset, *, min_scale_fraction: float = 0.1) -> Datase
     A feature's scale is floored at ``min_scale_fraction`` times the median
     feature scale, so a nearly constant feature (a border pixel that is almost
     always 0) is not blown up to values of 30 or more by a tiny deviation.
-    ``input_range`` becomes the standardized training inputs' range.
+    ``input_range`` is carried through the same map, so it becomes per-feature
+    (e.g. pixels valid in ``[0, 1]`` stay valid exactly there), and
+    ``feature_scale`` becomes each standardized feature's standard deviation
+    (1, or less where the floor applied).
     For features in unrelated units whose scales differ by more than 10x
     (tabular data), pass ``min_scale_fraction=0``.
     """
@@ -240,8 +260,9 @@ def standardized(dataset: Dataset, *, min_scale_fraction: float = 0.1) -> Datase
     std = np.maximum(std, min_scale_fraction * float(np.median(std)))
     std = np.where(std > 0, std, 1.0)
     scale = lambda a: ((np.asarray(a, np.float64) - mean) / std).astype(np.float32)  # noqa: E731
+    lo, hi = (np.broadcast_to(np.asarray(bound, np.float64), mean.shape) for bound in dataset.input_range)
     return dataclasses.replace(dataset, x_train=scale(dataset.x_train), x_val=scale(dataset.x_val),
-                               x_test=scale(dataset.x_test), input_range=None)
+                               x_test=scale(dataset.x_test), input_range=(scale(lo), scale(hi)), feature_scale=None)
 
 
 DATASET_SPECS = "'mnist1d', 'fashion_mnist', a .npz file (arrays x, y or x_train, y_train, x_test, y_test) or 'tfds:NAME'"

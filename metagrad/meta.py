@@ -53,6 +53,8 @@ class ProblemInfo:
       dtype: the dtype of parameters, inputs and metaparameters.
       x_train: the training inputs (a NumPy array), for projections that keep inputs valid.
       input_range: ``(lo, hi)``, the valid range of input values (scalars or per-feature arrays).
+      feature_scale: each feature's unit (an array shaped like one input, or ``None`` for 1), in which
+        perturbation budgets are expressed.
       learning_rate: the optimizer's injected initial learning rate (``None`` when it has none).
     """
 
@@ -63,6 +65,7 @@ class ProblemInfo:
     x_train: Any = None
     input_range: tuple = (-np.inf, np.inf)
     learning_rate: float | None = None
+    feature_scale: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,10 +324,14 @@ class DataWeights(Metaparameter):
 
 @dataclasses.dataclass(frozen=True)
 class Poison(Metaparameter):
-    """Additive perturbations of the training inputs at ``indices``, in an L-inf ball of radius ``eps``.
+    """Additive perturbations of the training inputs at ``indices``, in an L-inf ball of radius ``eps``
+    measured in units of each feature's scale.
 
-    Projection clips each perturbation to ``[-eps, eps]`` and keeps the perturbed
-    input inside the data's valid range (``Dataset.input_range``).
+    Projection clips feature ``j`` of each perturbation to ``[-eps * s_j, eps * s_j]``,
+    where ``s`` is the data's ``feature_scale`` (each feature's standard deviation
+    by default, so ``eps`` means the same on any data set), and keeps the
+    perturbed input inside the data's valid range (``Dataset.input_range``,
+    per feature). Without a scale (``feature_scale=None``) the bound is ``eps``.
     """
 
     indices: tuple[int, ...]
@@ -369,12 +376,18 @@ class Poison(Metaparameter):
     def data_arrays(self, info) -> dict:
         return {"slots": self.slot_of_example(info.num_train)}
 
-    def project(self, delta, clean_inputs=None, input_range=None):
+    def bound(self, feature_scale=None):
+        """The largest ``|delta|`` allowed per feature: ``eps * feature_scale`` (``eps`` without a scale)."""
+        return self.eps if feature_scale is None else self.eps * jnp.asarray(feature_scale)
+
+    def project(self, delta, clean_inputs=None, input_range=None, feature_scale=None):
         if isinstance(clean_inputs, ProblemInfo):
             info = clean_inputs
             clean_inputs, input_range = jnp.asarray(info.x_train[list(self.indices)]), info.input_range
-        lo, hi = input_range
-        delta = jnp.clip(delta, -self.eps, self.eps)
+            feature_scale = info.feature_scale
+        lo, hi = (jnp.asarray(b, delta.dtype) for b in input_range)
+        bound = jnp.asarray(self.bound(feature_scale), delta.dtype)
+        delta = jnp.clip(delta, -bound, bound)
         return jnp.clip(clean_inputs + delta, lo, hi) - clean_inputs
 
     def shape(self, info) -> tuple[int, ...]:

@@ -180,7 +180,8 @@ class TrainingProblem:
         lr = float(probe.hyperparams["learning_rate"]) if has_injected_lr(probe) else None
         return ProblemInfo(num_steps=self.num_steps, num_train=self.data.num_train,
                            input_shape=self.data.input_shape, dtype=jnp.dtype(self.param_dtype),
-                           x_train=self.data.x_train, input_range=self.data.input_range, learning_rate=lr)
+                           x_train=self.data.x_train, input_range=self.data.input_range, learning_rate=lr,
+                           feature_scale=self.data.feature_scale)
 
     def init_meta(self) -> dict:
         """Initial metaparameter values, one entry per declared spec."""

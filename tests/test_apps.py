@@ -70,7 +70,7 @@ def test_poison_raises_validation_loss_more_than_random_noise():
     result = poisoning.optimize_poison(base, spec, meta_steps=4, refine_steps=2, seeds_per_step=2, progress=False)
     assert [h["meta_step"] for h in result.history] == list(range(6))
     delta = np.asarray(result.best_meta["poison"])
-    assert np.abs(delta).max() <= 2.0 + 1e-6
+    assert np.all(np.abs(delta) <= 2.0 * data.feature_scale + 1e-6)  # eps in units of each feature's scale
 
     def val_loss(dataset):
         problem = mg.TrainingProblem(base.model, base.optimizer, dataset, num_steps=80, batch_size=64, lr_schedule=None)
@@ -81,9 +81,41 @@ def test_poison_raises_validation_loss_more_than_random_noise():
     attacked = val_loss(poisoning.apply_poison(data, spec, delta))
     assert attacked - clean > 2 * abs(noise - clean) and attacked > clean + 0.05
     with pytest.raises(ValueError, match="fresh seeds"):
-        poisoning.audit(base, attack_seeds=(0,), eval_seeds=(0,))
+        poisoning.audit(base, attack_seeds=(0,), seeds_per_step=None, eval_seeds=(0,))
+    with pytest.raises(ValueError, match="fresh seeds"):
+        poisoning.audit(base, eval_seeds=(poisoning.DEFAULT_CHOICE_SEEDS[0],))
     with pytest.raises(ValueError, match="fresh seeds"):
         poisoning.audit(base, meta_steps=3, seeds_per_step=2, eval_seeds=(poisoning.FRESH_SEED_START + 5,))
+
+
+def test_the_poison_budget_is_in_units_of_each_feature_and_keeps_each_feature_valid():
+    rng = np.random.default_rng(0)
+    # pixels valid in [0, 1] with very different spreads: one nearly always dark, one spread over the range
+    x = np.stack([rng.uniform(0, 0.05, 400), rng.uniform(0, 1, 400), rng.uniform(0.4, 0.6, 400)], 1).astype(np.float32)
+    raw = mg.Dataset(x[:300], (x[:300, 1] > 0.5).astype(np.int32), x[300:350], (x[300:350, 1] > 0.5).astype(np.int32),
+                     x[350:], (x[350:, 1] > 0.5).astype(np.int32), num_classes=2, input_range=(0.0, 1.0))
+    np.testing.assert_allclose(raw.feature_scale, x[:300].std(axis=0), rtol=1e-5)
+    spec = mg.Poison(tuple(range(20)), eps=1.0)
+    corners = np.sign(rng.normal(size=(20, 3))) * 100.0
+    delta = poisoning.project_poison(raw, spec, corners)
+    np.testing.assert_allclose(np.abs(delta).max(axis=0), raw.feature_scale, rtol=1e-5)  # one scale per feature
+    data = mg.standardized(raw)
+    std = x[:300].std(axis=0)
+    lo, hi = data.input_range  # [0, 1] carried to every feature's own standardized units
+    np.testing.assert_allclose(lo, (0 - x[:300].mean(0)) / std, rtol=1e-4)
+    np.testing.assert_allclose(hi, (1 - x[:300].mean(0)) / std, rtol=1e-4)
+    wide = mg.Poison(tuple(range(20)), eps=50.0)
+    poisoned = data.x_train[:20] + poisoning.project_poison(data, wide, corners)
+    back = poisoned * std + x[:300].mean(0)  # in pixel units, every perturbed input is still a valid image
+    assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5 and back.max() > 0.99 and back.min() < 0.01
+    # the one-step attack moves every feature to the edge of its budget against the metagradient's sign
+    grad = rng.normal(size=(20, 3)).astype(np.float32)
+    step = poisoning.one_step_perturbation(data, spec, grad)
+    inside = (np.abs(step) < data.feature_scale - 1e-4)
+    assert np.all(np.sign(step[~inside]) == -np.sign(grad[~inside]))
+    edge = data.x_train[:20] + step  # a feature short of its budget stopped at the valid range
+    assert np.all(np.isclose(edge[inside], np.broadcast_to(lo, edge.shape)[inside], atol=1e-4)
+                  | np.isclose(edge[inside], np.broadcast_to(hi, edge.shape)[inside], atol=1e-4))
 
 
 def test_attack_step_schedule_anneals_after_the_main_phase():
@@ -128,14 +160,15 @@ def test_influential_subset_picks_the_inputs_with_the_largest_first_order_gain()
         attack = dataclasses.replace(base, poison=spec, maximize=True)
         zero = attack.init_meta()
         value0, grad = attack.value_and_metagrad_at_seed(zero, seed, k=4)
-        step = {"poison": -eps * jnp.sign(grad["poison"])}  # the value is minus the validation loss
+        bound = eps * data.feature_scale  # the budget is in units of each feature's scale
+        step = {"poison": -bound * jnp.sign(grad["poison"])}  # the value is minus the validation loss
         value1, _ = attack.value_and_metagrad_at_seed(attack.project_meta(step), seed, k=4)
-        return float(value0 - value1), eps * float(jnp.abs(grad["poison"]).sum())
+        return float(value0 - value1), float((bound * jnp.abs(grad["poison"])).sum())
 
     gain, predicted = val_loss_gain(chosen)
     random_gain, _ = val_loss_gain(mg.Poison.random_subset(data.num_train, 0.05, eps, seed=0))
-    # the scores are each example's L1 metagradient norm: they predict the chosen step's gain to first order
-    assert predicted == pytest.approx(eps * scores[list(chosen.indices)].sum(), rel=1e-4)
+    # the scores are each example's first-order gain of a corner step: they predict the chosen step's gain
+    assert predicted == pytest.approx(scores[list(chosen.indices)].sum(), rel=1e-4)
     assert gain == pytest.approx(predicted, rel=0.2)
     assert gain > 2 * random_gain > 0
 
@@ -159,45 +192,46 @@ def test_audit_poison_command(tmp_path):
     from metagrad.cli import main
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(240, 6)).astype(np.float32)
+    x = rng.normal(size=(240, 6)).astype(np.float32) * np.array([1, 1, 1, 1, 1, 50], np.float32)
     np.savez(tmp_path / "toy.npz", x=x, y=(x[:, 0] > 0).astype(np.int32))
     out = tmp_path / "audit"
-    code = main(["audit-poison", "--data", str(tmp_path / "toy.npz"), "--out", str(out), "--meta-steps", "2",
-                 "--seeds-per-step", "1", "--eval-seeds", "2", "--num-steps", "20", "--batch-size", "32",
-                 "--hidden", "8", "--no-progress"])
-    assert code == 0
-    report = json.loads((out / "report.json").read_text())
-    assert set(report["test_accuracy"]) == {"clean", "random noise", "label flip", "MGD poison"}
+    args = ["audit-poison", "--data", str(tmp_path / "toy.npz"), "--eval-seeds", "2", "--num-steps", "20",
+            "--batch-size", "32", "--seeds-per-step", "1", "--no-progress"]
+    assert main(args + ["--out", str(out), "--meta-steps", "1", "--refine-steps", "1"]) == 0
+    report = json.loads((out / "result.json").read_text())
+    assert set(report["methods"]) == {"clean", "mgd", "noise", "label_flip", "one_step"}
+    for method in report["methods"].values():
+        assert set(method) == {f"{k}{s}" for k in ("val_loss", "test_loss", "test_accuracy") for s in ("", "_std")}
+    assert set(report["drop_points"]) == {"mgd", "noise", "label_flip", "one_step"}
+    assert report["best_baseline"] in ("noise", "label_flip", "one_step")
     assert report["setting"]["num_poisoned"] == round(0.025 * 168)
-    assert report["setting"]["seeds_per_step"] == 1 and report["setting"]["attack_seed_range"] == [10000, 10001]
-    assert (out / "poisoning.png").exists()
+    assert report["setting"]["attack_seed_range"] == [10000, 10001]
+    assert [h["meta_step"] for h in report["history"]] == [0, 1]
+    assert (out / "poisoning.png").exists() and set(report["goals"]) == {"drop_at_least_5_points",
+                                                                        "drop_at_least_3x_best_baseline"}
+    # the budget is in units of each feature's scale (the data are standardized, so about 1 per feature)
     delta = np.load(out / "poison_delta.npy")
     assert delta.shape == (len(report["poison_indices"]), 6)
-    assert np.abs(delta).max() == pytest.approx(report["poison_linf"])
+    assert 0 < report["poison_linf_in_feature_scales"] <= 2.0 + 1e-5
     np.testing.assert_array_equal(np.load(out / "poison_indices.npy"), report["poison_indices"])
-    # a saved poison is re-scored without the attack, on the examples saved beside it (not chosen again by the
-    # random rule asked for here): same examples, same retrained accuracies
-    rescored = tmp_path / "rescored"
-    args = ["audit-poison", "--data", str(tmp_path / "toy.npz"), "--eval-seeds", "2", "--num-steps", "20",
-            "--batch-size", "32", "--hidden", "8", "--no-progress"]
-    assert main(args + ["--out", str(rescored), "--choose", "random", "--poison", str(out / "poison_delta.npy")]) == 0
-    again = json.loads((rescored / "report.json").read_text())
-    assert again["history"] == [] and again["attack_seconds"] is None and again["setting"]["choose"] == "saved"
-    assert again["test_accuracy"] == report["test_accuracy"] and again["poison_indices"] == report["poison_indices"]
-    # with an annealing phase the step schedule depends on --meta-steps, so more of them cannot extend the run
-    annealed = ["--out", str(tmp_path / "annealed"), "--refine-steps", "1", "--seeds-per-step", "1"]
-    assert main(args + annealed + ["--meta-steps", "1"]) == 0
-    annealed_report = json.loads((tmp_path / "annealed" / "report.json").read_text())
-    assert [h["meta_step"] for h in annealed_report["history"]] == [0, 1]
-    assert annealed_report["setting"]["attack_seed_range"] == [10000, 10001]
+    # a rerun resumes: nothing is recomputed, the same figures come back
+    assert main(args + ["--out", str(out), "--meta-steps", "1", "--refine-steps", "1"]) == 0
+    assert json.loads((out / "result.json").read_text())["methods"] == report["methods"]
     with pytest.raises(ValueError, match="meta_steps"):
-        main(args + annealed + ["--meta-steps", "2"])
+        main(args + ["--out", str(out), "--meta-steps", "2", "--refine-steps", "1"])
+    # a saved poison is re-scored without the attack, on the examples saved beside it (not chosen again by the
+    # random rule asked for here): same examples, same retrained figures
+    rescored = tmp_path / "rescored"
+    assert main(args + ["--out", str(rescored), "--choose", "random", "--poison", str(out / "poison_delta.npy")]) == 0
+    again = json.loads((rescored / "result.json").read_text())
+    assert again["history"] == [] and again["attack_seconds"] is None and again["setting"]["choose"] == "saved"
+    assert again["methods"]["mgd"] == report["methods"]["mgd"] and again["poison_indices"] == report["poison_indices"]
     np.save(tmp_path / "short.npy", delta[:-1])
     with pytest.raises(ValueError, match="saved poison has shape"):
-        main(args + ["--out", str(rescored), "--poison", str(tmp_path / "short.npy")])
+        main(args + ["--out", str(tmp_path / "short"), "--poison", str(tmp_path / "short.npy")])
     np.save(tmp_path / "big.npy", 3 * delta + 5.0)
     with pytest.raises(ValueError, match="leaves the L-inf ball"):
-        main(args + ["--out", str(rescored), "--poison", str(tmp_path / "big.npy")])
+        main(args + ["--out", str(tmp_path / "big"), "--poison", str(tmp_path / "big.npy")])
     with pytest.raises(ValueError, match="it needs 'x' and 'y'"):
         np.savez(tmp_path / "bad.npz", inputs=x)
         main(["audit-poison", "--data", str(tmp_path / "bad.npz"), "--out", str(out)])
@@ -242,7 +276,12 @@ def test_standardized_data_is_in_units_of_each_feature():
     np.testing.assert_allclose(dataset.x_train.mean(axis=0), 0.0, atol=1e-4)
     np.testing.assert_allclose(dataset.x_train[:, :3].std(axis=0), 1.0, rtol=1e-3)
     assert np.abs(dataset.x_train[:, 3]).max() < 0.1
-    assert dataset.input_range == (float(dataset.x_train.min()), float(dataset.x_train.max()))
+    # the valid range is per feature, carried through the same map (here the range the training inputs span)
+    lo, hi = dataset.input_range
+    np.testing.assert_allclose(lo, dataset.x_train.min(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(hi, dataset.x_train.max(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dataset.feature_scale[:3], 1.0, rtol=1e-3)
+    assert dataset.feature_scale[3] < 0.1
     with pytest.raises(ValueError, match="unknown dataset"):
         mg.load_dataset("cifar")
 

@@ -38,7 +38,8 @@ def test_projection_keeps_every_part_feasible():
     assert np.all(np.asarray(projected["lr_schedule"]) >= 0)
     assert np.all((np.asarray(projected["data_weights"]) >= 0) & (np.asarray(projected["data_weights"]) <= 1))
     delta = np.asarray(projected["poison"])
-    assert np.all(np.abs(delta) <= problem.poison.eps + 1e-6)
+    bound = problem.poison.eps * problem.data.feature_scale  # in units of each feature's scale
+    assert np.all(np.abs(delta) <= bound + 1e-6) and np.any(np.abs(delta) > bound - 1e-6)
     poisoned = problem.data.x_train[list(problem.poison.indices)] + delta
-    lo, hi = problem.data.input_range
-    assert poisoned.min() >= lo - 1e-6 and poisoned.max() <= hi + 1e-6
+    lo, hi = problem.data.input_range  # per feature
+    assert np.all(poisoned >= lo - 1e-6) and np.all(poisoned <= hi + 1e-6)

@@ -33,7 +33,7 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
 # script (relative to experiments/) -> (the files it writes, relative to --out: JSON first, then any PNG;
 # --out is a folder for the experiments and the JSON file itself for the benchmarks, "" below)
 SCRIPTS = {
-    "data_poisoning.py": ("report.json", "poisoning.png"),
+    "data_poisoning.py": ("summary.json", "mnist1d_mlp/poisoning.png"),
     "data_selection.py": ("summary.json", "mnist1d_mlp/data_selection.png"),
     "dga_mixing.py": ("result_smoke.json", "dga_mixing_smoke.png"),
     "hyperflow.py": ("result.json", "hyperflow.png"),
