@@ -209,7 +209,8 @@ def _select_data(args) -> int:
 
     report = app.run_on_data(args.data, args.out, label_noise=args.label_noise, model=args.model,
                              num_steps=args.num_steps, batch_size=args.batch_size, learning_rate=args.lr,
-                             search=app.SubsetSearch(keep_fraction=args.keep, meta_steps=args.meta_steps),
+                             search=app.SubsetSearch(keep_fraction=args.keep, meta_steps=args.meta_steps,
+                                                     strategy=args.strategy),
                              smoke=args.smoke, fresh=args.fresh, progress=not args.no_progress)
     return _print_outcome(app.report_table(report), report, args, "data_selection.png")
 
@@ -312,6 +313,9 @@ def build_parser() -> tuple[CommandLineParser, dict]:
     select.add_argument("--batch-size", type=positive_int, default=128)
     select.add_argument("--lr", type=positive_float, default=0.03, help="momentum SGD's learning rate")
     select.add_argument("--meta-steps", type=positive_int, default=40, help="MGD steps")
+    select.add_argument("--strategy", choices=("eliminate", "weights"), default="eliminate",
+                        help="from metagradients to a subset: remove the worst examples step by step (default), or "
+                             "MGD on continuous weights keeping the largest")
     select.add_argument("--smoke", action="store_true", help="every stage at the smallest size (a pipeline check)")
     select.add_argument("--fresh", action="store_true", help="discard an earlier run in --out")
     select.add_argument("--no-progress", action="store_true")

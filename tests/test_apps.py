@@ -309,6 +309,29 @@ def test_select_data_command_scores_every_baseline_and_resumes(tmp_path):
         main(argv[:4] + ["0.3"] + argv[5:])
 
 
+def test_metagradient_elimination_removes_flipped_labels_and_resumes(tmp_path):
+    from metagrad.store import RunStore
+
+    data = mg.standardized(small_mnist1d())
+    noisy, flipped = data_selection.flip_labels(data, 0.3, seed=0)
+    learner = mg.TrainingProblem(mg.MLP(hidden=(16,)), optax.sgd(0.03, momentum=0.9), noisy, num_steps=60,
+                                 batch_size=64, lr_schedule=None, data_weights=mg.DataWeights())
+    search = data_selection.SubsetSearch(meta_steps=6, k=4)
+    assert data_selection.elimination_sizes(600, 420, 6) == [570, 540, 510, 480, 450, 420]
+    store = RunStore(str(tmp_path / "run"), {"test": 1})
+    out = data_selection.eliminate_by_metagradient(learner, 420, search, store=store, progress=False)
+    assert [h["kept"] for h in out["history"]] == [570, 540, 510, 480, 450, 420]
+    removed = out["mask"] == 0
+    assert removed.sum() == 180 and set(np.unique(out["mask"])) == {0.0, 1.0}
+    # a random 180 would hold 30% flipped labels, give or take 3.4 points (one standard deviation)
+    assert flipped[removed].mean() > 0.45
+    again = data_selection.eliminate_by_metagradient(learner, 420, search, store=RunStore(str(tmp_path / "run"),
+                                                                                         {"test": 1}), progress=False)
+    assert again["resumed_from"] == 6 and np.array_equal(again["mask"], out["mask"])
+    with pytest.raises(ValueError, match="strategy"):
+        data_selection.SubsetSearch(strategy="greedy")
+
+
 def test_gradient_similarity_prefers_examples_that_agree_with_validation():
     """Examples whose labels were flipped have gradients pointing away from the clean validation gradient."""
     data = mg.standardized(small_mnist1d())

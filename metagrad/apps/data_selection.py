@@ -16,10 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import replay
+
 from ..data import Dataset
 from ..meta import DataWeights
 from ..mgd import mgd
 from ..problem import train_and_evaluate
+from ..progress import progress_bar
 from ..store import RunStore
 from ..training import TrainingProblem
 from .common import (describe_dataset, evaluate_at_seed, fresh_training_seeds, mean_and_std, mean_value_and_metagrad,
@@ -173,23 +176,35 @@ def split_validation(dataset: Dataset, seed: int = 0) -> tuple[Dataset, Dataset]
             dataclasses.replace(dataset, x_val=dataset.x_val[b], y_val=dataset.y_val[b]))
 
 
+STRATEGIES = ("eliminate", "weights")
+
+
 @dataclasses.dataclass(frozen=True)
 class SubsetSearch:
     """How :func:`search_subset` selects data: defaults chosen once and used unchanged on every data set.
 
-    Nothing is in units of the data: data weights live in ``[0, 1]`` and Adam's
-    per-weight normalization makes a meta-step a fixed fraction of that range.
+    Nothing is in units of the data: the metagradients are standardized before
+    they rank examples, and data weights live in ``[0, 1]``.
 
     Attributes:
       keep_fraction: the fraction of the training set every selection keeps.
-      meta_steps: MGD steps on the per-example weights (validation loss of half of the validation split).
-      meta_lr: Adam's step on the weights.
-      constraint: the weights' feasible set (:class:`~metagrad.meta.DataWeights`): ``"box"``, each in
-        ``[0, 1]`` from 1; ``"simplex"``, non-negative with mean one, so weights can rise as well as fall.
-      seeds_per_step: fresh training seeds per meta-step, so the weights hold for the training run's
+      strategy: how metagradients become a subset. ``"eliminate"`` (the default,
+        :func:`eliminate_by_metagradient`): start from the whole training set and
+        at every meta-step remove an equal share of the examples to be dropped,
+        those whose metagradient (at the subset actually kept, weights 0 or 1)
+        says removing them lowers the validation loss most, scores smoothed over
+        meta-steps by ``score_ema``; ``"weights"``: MGD (Adam, ``meta_lr``) on
+        continuous per-example weights in ``constraint``, keeping the largest.
+      meta_steps: metagradients taken (validation loss of half of the validation split).
+      meta_lr: Adam's step on the weights (``"weights"`` only).
+      constraint: the weights' feasible set (:class:`~metagrad.meta.DataWeights`, ``"weights"`` only):
+        ``"box"``, each in ``[0, 1]`` from 1; ``"simplex"``, non-negative with mean one.
+      score_ema: the elimination's smoothing of each example's standardized metagradient over meta-steps
+        (each meta-step trains from fresh seeds, so one metagradient is a noisy estimate).
+      seeds_per_step: fresh training seeds per meta-step, so the selection holds for the training run's
         randomness, not for one batch order.
-      candidates_every: MGD's weights every this many meta-steps, its last and its best-seen weights are the
-        candidates (early stopping against fitting the validation half it optimizes).
+      candidates_every: (``"weights"``) MGD's weights every this many meta-steps, its last and its
+        best-seen weights are the candidates (early stopping against fitting the validation half it optimizes).
       selection_seeds: seeds on which the candidates are compared, by the validation loss of the *other*
         half of the validation split after retraining on each one's subset.
       eval_seeds: fresh seeds every method's subset is retrained and scored on.
@@ -197,9 +212,11 @@ class SubsetSearch:
     """
 
     keep_fraction: float = 0.7
+    strategy: str = "eliminate"
     meta_steps: int = 40
     meta_lr: float = 0.05
     constraint: str = "box"
+    score_ema: float = 0.8
     seeds_per_step: int = 1
     candidates_every: int = 10
     selection_seeds: tuple = (500, 501)
@@ -210,6 +227,10 @@ class SubsetSearch:
     def __post_init__(self):
         if not 0 < self.keep_fraction <= 1:
             raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}.")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
+        if not 0 <= self.score_ema < 1:
+            raise ValueError(f"score_ema must be in [0, 1), got {self.score_ema}.")
         if self.meta_steps < 1 or self.seeds_per_step < 1 or self.candidates_every < 1:
             raise ValueError("meta_steps, seeds_per_step and candidates_every must be >= 1.")
         used = set(range(self.seed_start, self.seed_start + self.meta_steps * self.seeds_per_step))
@@ -217,33 +238,71 @@ class SubsetSearch:
             raise ValueError("eval_seeds, selection_seeds and the seeds MGD trains from must be disjoint.")
 
 
+def elimination_sizes(num_examples: int, keep: int, meta_steps: int) -> list[int]:
+    """The subset's size after each meta-step of :func:`eliminate_by_metagradient`: from ``num_examples``
+    down to ``keep`` in equal shares."""
+    return [num_examples - int(round((num_examples - keep) * (t + 1) / meta_steps)) for t in range(meta_steps)]
+
+
+def eliminate_by_metagradient(learner: TrainingProblem, keep: int, search: "SubsetSearch", *,
+                              store: RunStore | None = None, progress: bool = True) -> dict:
+    """Backward elimination guided by metagradients of the subset actually kept.
+
+    As the data selection of Engstrom et al. (arXiv 2503.13751, Sec. 5.1) steps
+    through *subsets* rather than a relaxation far from any subset: at
+    meta-step ``t`` the data weights are the current 0/1 mask, the
+    metagradient ``g_i = d val_loss / d w_i`` (averaged over
+    ``search.seeds_per_step`` fresh training seeds) is standardized, smoothed
+    across meta-steps (``search.score_ema``), and the kept examples with the
+    largest smoothed ``g`` (whose removal lowers the validation loss most, to
+    first order) are removed, an equal share each meta-step
+    (:func:`elimination_sizes`), until ``keep`` remain. Every step's metagradient
+    is thus taken at the training run of the subset it modifies. With ``store``
+    the mask and scores are saved after every meta-step and a rerun resumes.
+    Returns ``{"mask", "scores", "history", "resumed_from"}`` (the meta-step a rerun resumed at, or ``None``).
+    """
+    n = learner.data.num_train
+    sizes = elimination_sizes(n, keep, search.meta_steps)
+    state = {"mask": np.ones(n, np.float32), "scores": np.zeros(n, np.float32)}
+    history, start = [], 0
+    if store is not None:
+        saved = store.restore_tree("elimination", state)
+        if saved is not None:
+            start, restored, metadata = saved
+            state = {name: np.asarray(value) for name, value in restored.items()}
+            history = list(metadata["history"])
+    bar = progress_bar(range(start, search.meta_steps), total=search.meta_steps, initial=start, desc="eliminate",
+                       disable=not progress)
+    for t in bar:
+        tic = time.perf_counter()
+        seeds = fresh_training_seeds(t, search.seeds_per_step, search.seed_start)
+        value, grad = mean_value_and_metagrad(learner, {"data_weights": jnp.asarray(state["mask"])}, seeds,
+                                              k=search.k)
+        g = np.asarray(grad["data_weights"], np.float64)
+        if not np.all(np.isfinite(g)):
+            raise replay.NonFiniteMetagradError(f"the data-weight metagradient of meta-step {t} is not finite.")
+        g = g / (g.std() + 1e-30)
+        scores = g if t == 0 else search.score_ema * state["scores"] + (1 - search.score_ema) * g
+        mask = state["mask"].copy()
+        kept = np.flatnonzero(mask > 0)
+        mask[kept[np.argsort(-scores[kept], kind="stable")[:len(kept) - sizes[t]]]] = 0.0
+        state = {"mask": mask, "scores": scores.astype(np.float32)}
+        history.append({"meta_step": t, "objective": float(value), "kept": int(mask.sum()),
+                        "seconds": time.perf_counter() - tic})
+        bar.set_postfix(objective=f"{float(value):.4f}", kept=int(mask.sum()))
+        if store is not None:
+            store.save_tree("elimination", t + 1, state, {"history": history})
+    return {**state, "history": history, "resumed_from": start or None}
+
+
 METHODS = ("mgd", "full", "random", "small_loss", "gradient_similarity")
 
 
-def search_subset(base: TrainingProblem, noisy: Dataset, flipped: np.ndarray | None = None,
-                  search: SubsetSearch = SubsetSearch(), *, store: RunStore | None = None,
-                  progress: bool = True) -> dict:
-    """MGD data selection against full data, a random subset, small-loss filtering and gradient similarity.
-
-    Engstrom et al. (arXiv 2503.13751, Sec. 5.1) optimize one weight per
-    training example by MGD and keep the largest. Here the metaobjective is the
-    validation loss on half of the validation split, averaged over fresh training
-    seeds; the other half decides which of MGD's weights to keep (every ``candidates_every``
-    meta-steps, the last, the best-seen): early stopping; every
-    method's subset (the same size) is retrained on ``eval_seeds``, and
-    ``"methods"`` maps each of :data:`METHODS` to mean and standard deviation of
-    ``val_loss`` (the whole validation split), ``test_loss`` and ``test_accuracy``.
-    ``flipped`` (the label noise, when known) only reports what each selection removed.
-    With ``store`` every stage is saved and a rerun resumes.
-    """
-    store_get = (lambda key: None) if store is None else store.get
-    store_put = (lambda key, value: None) if store is None else store.put
-    n = noisy.num_train
-    keep = max(1, int(round(search.keep_fraction * n)))
-    meta_half, select_half = split_validation(noisy)
-    learner = dataclasses.replace(base, data=meta_half, data_weights=DataWeights(constraint=search.constraint),
-                                  poison=None, lr_schedule=None)
-
+def optimize_weights_with_candidates(learner: TrainingProblem, search: "SubsetSearch", store: RunStore | None,
+                                     progress: bool):
+    """The ``"weights"`` strategy: MGD (Adam) on continuous data weights, with its weights every
+    ``search.candidates_every`` meta-steps, its last and its best-seen weights as candidates.
+    Returns ``(candidates, history, resumed_from, seconds)``."""
     def value_and_metagrad(meta, meta_step):
         seeds = fresh_training_seeds(meta_step, search.seeds_per_step, search.seed_start)
         return mean_value_and_metagrad(learner, meta, seeds, k=search.k)
@@ -264,8 +323,46 @@ def search_subset(base: TrainingProblem, noisy: Dataset, flipped: np.ndarray | N
         for step in store.tree_steps("candidates"):
             if step not in snapshots:
                 snapshots[step] = np.asarray(store.restore_tree("candidates", learner.init_meta(), step)[1]["data_weights"])
-    mgd_seconds = float(sum(h["seconds"] for h in result.history)) if result.resumed_from else \
-        time.perf_counter() - tic
+    seconds = float(sum(h["seconds"] for h in result.history)) if result.resumed_from else time.perf_counter() - tic
+    candidates = {f"meta_step_{step}": w for step, w in sorted(snapshots.items())}
+    candidates.update({"last": np.asarray(result.meta["data_weights"]),
+                       "best_seen": np.asarray(result.best_meta["data_weights"])})
+    return candidates, result.history, result.resumed_from, seconds
+
+
+def search_subset(base: TrainingProblem, noisy: Dataset, flipped: np.ndarray | None = None,
+                  search: SubsetSearch = SubsetSearch(), *, store: RunStore | None = None,
+                  progress: bool = True) -> dict:
+    """MGD data selection against full data, a random subset, small-loss filtering and gradient similarity.
+
+    Engstrom et al. (arXiv 2503.13751, Sec. 5.1) select data by metagradients
+    of per-example weights. Here the metaobjective is the validation loss on
+    half of the validation split, averaged over fresh training seeds; MGD's
+    subset comes from ``search.strategy`` (by default the metagradient-guided
+    elimination, :func:`eliminate_by_metagradient`; with ``"weights"``, the
+    other half decides which of MGD's weights to keep: early stopping), and the
+    other half's loss after retraining on it is recorded as
+    ``"selection_val_loss"``. Every method's subset (the same size) is retrained on ``eval_seeds``, and
+    ``"methods"`` maps each of :data:`METHODS` to mean and standard deviation of
+    ``val_loss`` (the whole validation split), ``test_loss`` and ``test_accuracy``.
+    ``flipped`` (the label noise, when known) only reports what each selection removed.
+    With ``store`` every stage is saved and a rerun resumes.
+    """
+    store_get = (lambda key: None) if store is None else store.get
+    store_put = (lambda key, value: None) if store is None else store.put
+    n = noisy.num_train
+    keep = max(1, int(round(search.keep_fraction * n)))
+    meta_half, select_half = split_validation(noisy)
+    learner = dataclasses.replace(base, data=meta_half, data_weights=DataWeights(constraint=search.constraint),
+                                  poison=None, lr_schedule=None)
+    if search.strategy == "eliminate":
+        eliminated = eliminate_by_metagradient(learner, keep, search, store=store, progress=progress)
+        history, resumed_from = eliminated["history"], eliminated["resumed_from"]
+        candidates = {"eliminated": eliminated["mask"]}
+        mgd_seconds = float(sum(h["seconds"] for h in history))
+    else:
+        candidates, history, resumed_from, mgd_seconds = optimize_weights_with_candidates(learner, search, store,
+                                                                                         progress)
     plain = dataclasses.replace(base, data_weights=None, poison=None, lr_schedule=None)
 
     def scores(name, dataset, indices, seeds):
@@ -277,9 +374,6 @@ def search_subset(base: TrainingProblem, noisy: Dataset, flipped: np.ndarray | N
             store_put(key, rows)
         return rows
 
-    candidates = {f"meta_step_{step}": w for step, w in sorted(snapshots.items())}
-    candidates.update({"last": np.asarray(result.meta["data_weights"]),
-                       "best_seen": np.asarray(result.best_meta["data_weights"])})
     selection = {name: float(np.mean([r["val_loss"] for r in scores(f"select_{name}", select_half,
                                                                        np.sort(top_weight_indices(w, keep)),
                                                                        search.selection_seeds)]))
@@ -313,9 +407,10 @@ def search_subset(base: TrainingProblem, noisy: Dataset, flipped: np.ndarray | N
     return {
         "methods": methods, "per_seed": per_seed, "kept": keep,
         "weights": weights.tolist(), "mgd_answer": chosen, "selection_val_loss": selection,
+        **({"elimination_scores": eliminated["scores"].tolist()} if search.strategy == "eliminate" else {}),
         "mean_weight_flipped": float(weights[flipped].mean()) if flipped is not None and flipped.any() else None,
         "mean_weight_clean": float(weights[~flipped].mean()) if flipped is not None else None,
-        "history": result.history, "resumed_from_meta_step": result.resumed_from, "seconds": seconds,
+        "history": history, "resumed_from_meta_step": resumed_from, "seconds": seconds,
         "search": dataclasses.asdict(search),
     }
 
@@ -354,16 +449,21 @@ def write_report(report: dict, out_dir: str) -> None:
     write_json(os.path.join(out_dir, "result.json"), report)
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    weights, flipped = np.asarray(report["weights"]), report.get("flipped")
-    bins = np.linspace(0, 1, 31)
+    flipped = report.get("flipped")
+    if "elimination_scores" in report:  # the elimination ranks by smoothed metagradients; its weights are 0/1
+        values = np.asarray(report["elimination_scores"])
+        bins, xlabel, title = 40, "smoothed metagradient (highest removed)", "MGD elimination scores"
+    else:
+        values = np.asarray(report["weights"])
+        bins, xlabel, title = np.linspace(0, 1, 31), "learned data weight", "MGD data weights"
     if flipped is not None:
         flipped = np.asarray(flipped, bool)
-        ax1.hist(weights[~flipped], bins=bins, alpha=0.7, label="clean labels")
-        ax1.hist(weights[flipped], bins=bins, alpha=0.7, label="flipped labels")
+        ax1.hist(values[~flipped], bins=bins, alpha=0.7, label="clean labels")
+        ax1.hist(values[flipped], bins=bins, alpha=0.7, label="flipped labels")
         ax1.legend()
     else:
-        ax1.hist(weights, bins=bins)
-    ax1.set(xlabel="learned data weight", ylabel="examples", title="MGD data weights")
+        ax1.hist(values, bins=bins)
+    ax1.set(xlabel=xlabel, ylabel="examples", title=title)
     names = list(report["methods"])
     means = [report["methods"][n]["test_accuracy"] for n in names]
     errs = [report["methods"][n]["test_accuracy_std"] for n in names]
