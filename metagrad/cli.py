@@ -164,7 +164,8 @@ def run_command(args, flag_names: dict | None = None, *, catch_errors: bool = Tr
         return args.func(args)
     except UsageError as err:
         print(f"{prefix}: {_one_line(err)}", file=sys.stderr)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as err:
         # ValueError includes replay.ReplayError and metagrad.store.StoreError
         message = _one_line(err) or type(err).__name__
         print(f"{prefix}: {_in_flags(message, flag_names or {})}", file=sys.stderr)
@@ -323,15 +324,20 @@ def build_parser() -> tuple[CommandLineParser, dict]:
 
     from .interactive.cli import add_interactive_parser, add_replay_log_parser
 
+    from .lm.cli import FLAG_NAMES as CORPUS_FLAG_NAMES
+    from .lm.cli import add_corpus_parser
+
     interactive = add_interactive_parser(sub)  # metagrad interactive
     replay_log = add_replay_log_parser(sub)  # metagrad replay-log LOG
+    add_corpus_parser(sub)  # metagrad corpus build
     flag_names = {"demo": _flag_names(demo, {**common, "num_meta_steps": "--meta-steps"}),
                   "audit-poison": _flag_names(audit, {**common, "num_meta_steps": "--meta-steps", "learning_rate": "--lr"}),
                   "lr-schedule": _flag_names(lr, {**common, "meta_steps": "--meta-steps"}),
                   "select-data": _flag_names(select, {**common, "meta_steps": "--meta-steps", "keep_fraction": "--keep",
                                                       "learning_rate": "--lr"}),
                   "interactive": _flag_names(interactive, common),
-                  "replay-log": _flag_names(replay_log, common)}
+                  "replay-log": _flag_names(replay_log, common),
+                  "corpus": {**common, **CORPUS_FLAG_NAMES}}
     return parser, flag_names
 
 
