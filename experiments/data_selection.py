@@ -11,31 +11,22 @@ result.json and PNG); this script adds ``<out>/summary.json`` and a table.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 from metagrad.apps import data_selection as app
-from metagrad.apps.common import goals_line
+from metagrad.apps.common import data_set_folder, data_sets_parser, goals_line
 from metagrad.report import format_table, write_json
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", nargs="+", default=["mnist1d", "fashion_mnist"],
-                        help="data sets, each as metagrad select-data --data takes it")
+    parser = data_sets_parser(__doc__, os.path.join(os.path.dirname(__file__), "results", "data_selection"), "select-data")
     parser.add_argument("--label-noise", type=float, default=0.3)
-    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
-    parser.add_argument("--smoke", action="store_true", help="every stage at the smallest size, on MNIST-1D only")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "data_selection"))
-    parser.add_argument("--fresh", action="store_true", help="discard earlier runs in --out")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     if not 0 <= args.label_noise < 1:
         parser.error("--label-noise must be in [0, 1)")
     reports = {}
     for data in ["mnist1d"] if args.smoke else args.data:
-        name = os.path.splitext(os.path.basename(data))[0].replace("tfds:", "tfds_")
-        folder = os.path.join(args.out, f"{name}_{args.model}")
+        name, folder = data_set_folder(data, args.out, args.model)
         print(f"== {data} ({args.model}, {args.label_noise:.0%} labels flipped) -> {folder}")
         reports[name] = app.run_on_data(data, folder, label_noise=args.label_noise, model=args.model,
                                         smoke=args.smoke, fresh=args.fresh, progress=not args.no_progress)

@@ -11,34 +11,25 @@ this repository: ``experiments/datasets/sklearn_digits.py`` writes scikit-learn'
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 
 from metagrad.apps import lr_schedule as app
-from metagrad.apps.common import goals_line
+from metagrad.apps.common import data_set_folder, data_sets_parser, goals_line
 from metagrad.report import format_table, pyplot, write_json
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", nargs="+", default=["mnist1d", "fashion_mnist"],
-                        help="data sets, each as metagrad lr-schedule --data takes it")
-    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    parser = data_sets_parser(__doc__, os.path.join(os.path.dirname(__file__), "results", "lr_schedule"), "lr-schedule")
     parser.add_argument("--num-steps", type=int, default=500)
-    parser.add_argument("--smoke", action="store_true", help="every stage at the smallest size, on MNIST-1D only")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lr_schedule"))
-    parser.add_argument("--fresh", action="store_true", help="discard earlier runs in --out")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     if args.num_steps < 1:
         parser.error("--num-steps must be >= 1")
     datasets = ["mnist1d"] if args.smoke else args.data
     reports = {}
     for data in datasets:
-        name = os.path.splitext(os.path.basename(data))[0].replace("tfds:", "tfds_")
-        folder = os.path.join(args.out, f"{name}_{args.model}")
+        name, folder = data_set_folder(data, args.out, args.model)
         print(f"== {data} ({args.model}) -> {folder}")
         reports[name] = app.run_on_data(data, folder, model=args.model, num_steps=args.num_steps, smoke=args.smoke,
                                         fresh=args.fresh, progress=not args.no_progress)

@@ -100,3 +100,28 @@ def goals_line(goals: dict, smoke: bool = False) -> str:
     """``"name met, name NOT met"`` for an application's ``goals`` dict (a smoke run says no goal is judged)."""
     return (", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in goals.items())
             + (" (smoke run: no goal is judged)" if smoke else ""))
+
+
+def data_sets_parser(description: str, default_out: str, command: str):
+    """The options of an experiment script that runs one application on several data sets: ``--data`` (each
+    as ``metagrad <command> --data`` takes it), ``--model``, ``--smoke``, ``--out``, ``--fresh``,
+    ``--no-progress``; the script adds its own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", default=["mnist1d", "fashion_mnist"],
+                        help=f"data sets, each as metagrad {command} --data takes it")
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    parser.add_argument("--smoke", action="store_true", help="every stage at the smallest size, on MNIST-1D only")
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--fresh", action="store_true", help="discard earlier runs in --out")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def data_set_folder(data: str, out: str, model: str) -> tuple[str, str]:
+    """``(name, folder)`` of data set ``data``'s run in an experiment's ``out``: ``<out>/<name>_<model>``."""
+    import os
+
+    name = os.path.splitext(os.path.basename(data))[0].replace("tfds:", "tfds_")
+    return name, os.path.join(out, f"{name}_{model}")
