@@ -29,6 +29,13 @@ def _axpy(meta, direction, scale):
     return jax.tree.map(lambda m, d: m + scale * d, meta, direction)
 
 
+@jax.jit
+def objective_value(objective, state, meta):
+    """``objective(state, meta)`` compiled; ``objective`` is a pytree (a problem's ``jax.tree_util.Partial``
+    holding its data as arguments), so the data are not compiled in and one program serves every call."""
+    return objective(state, meta)
+
+
 def sign_agreement(d1, d2) -> float:
     """Movement-weighted agreement of the signs of two parameter changes, in [-1, 1]."""
     d1, d2 = _flat(d1), _flat(d2)
@@ -46,7 +53,7 @@ def metasmoothness(problem, meta, direction, h: float) -> dict:
         z = _axpy(meta, direction, i * h)
         state = problem.train(z)
         thetas.append(state["params"])
-        values.append(float(problem.objective(state, z)))
+        values.append(float(objective_value(problem.objective, state, z)))
     d1 = jax.tree.map(jnp.subtract, thetas[1], thetas[0])
     d2 = jax.tree.map(jnp.subtract, thetas[2], thetas[1])
     return {
@@ -65,7 +72,7 @@ def gradient_prediction(problem, meta, step_sizes, *, k: int = 8) -> list[dict]:
     rows = []
     for s in step_sizes:
         z = _axpy(meta, unit, -s)
-        actual = float(problem.objective(problem.train(z), z)) - float(value)
+        actual = float(objective_value(problem.objective, problem.train(z), z)) - float(value)
         rows.append({"step": s, "predicted": -s * norm, "actual": actual,
                      "ratio": actual / (-s * norm) if norm > 0 else float("nan")})
     return rows
