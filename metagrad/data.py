@@ -67,16 +67,25 @@ class Dataset:
             object.__setattr__(self, "input_range", (np.min(self.x_train, axis=0), np.max(self.x_train, axis=0)))
         if len(self.input_range) != 2:
             raise ValueError(f"input_range must be (lo, hi), got {self.input_range!r}.")
-        for bound in self.input_range:
-            if np.ndim(bound) and np.shape(bound) != self.input_shape:
-                raise ValueError(f"an input_range bound has shape {np.shape(bound)}: give a number or an array "
-                                 f"shaped like one input {self.input_shape}.")
+        object.__setattr__(self, "input_range", tuple(self.per_feature(b, "an input_range bound")
+                                                      if np.ndim(b) else b for b in self.input_range))
         if self.feature_scale is None:
             object.__setattr__(self, "feature_scale",
                                np.asarray(np.std(np.asarray(self.x_train, np.float64), axis=0), np.float32))
-        elif np.shape(self.feature_scale) != self.input_shape or np.any(np.asarray(self.feature_scale) < 0):
-            raise ValueError(f"feature_scale must be a non-negative array shaped like one input {self.input_shape}, "
-                             f"got shape {np.shape(self.feature_scale)}.")
+        object.__setattr__(self, "feature_scale", self.per_feature(self.feature_scale, "feature_scale"))
+        if np.any(self.feature_scale < 0):
+            raise ValueError("feature_scale must be non-negative.")
+
+    def per_feature(self, values, what: str) -> np.ndarray:
+        """``values`` shaped like one input (an array of as many values, e.g. after the inputs were reshaped
+        with ``dataclasses.replace``, is reshaped)."""
+        values = np.asarray(values)
+        if values.shape != self.input_shape:
+            if values.size != int(np.prod(self.input_shape)):
+                raise ValueError(f"{what} has shape {values.shape}: give a number or an array shaped like one "
+                                 f"input {self.input_shape}.")
+            values = values.reshape(self.input_shape)
+        return values
 
     @property
     def num_train(self) -> int:
