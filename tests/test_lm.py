@@ -6,6 +6,7 @@ a few steps; exactness is checked in float64 against ``jax.grad`` of the fully
 unrolled run and against central differences.
 """
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -272,3 +273,82 @@ def test_the_compiled_step_does_not_embed_the_training_tokens():
         texts[train_bytes] = text
     # 48 kB of tokens would be far more than any difference in the programs' text
     assert abs(len(texts[16384]) - len(texts[256])) < 200, {n: len(t) for n, t in texts.items()}
+
+
+# ------------------------------------------------------------------ MGD on the learning-rate schedule
+def test_the_traced_seed_gives_the_metagradient_and_evaluation_of_a_problem_built_with_that_seed():
+    from metagrad.apps.common import evaluate_at_seed
+
+    # with dropout, so that both random streams (windows, dropout) follow the traced seed
+    problem = dataclasses.replace(lm_problem(), model=lm.Transformer(lm.config_named("tiny", dropout=0.1)))
+    meta = perturbed(problem)
+    value, grad = problem.value_and_metagrad_at_seed(meta, 3, k=2)
+    other = dataclasses.replace(problem, seed=3)
+    value_ref, grad_ref = other.value_and_metagrad(meta, k=2)
+    assert float(value) == pytest.approx(float(value_ref), rel=1e-6)
+    assert set(grad) == set(grad_ref) == set(meta)
+    for name in meta:
+        np.testing.assert_allclose(np.asarray(grad[name]), np.asarray(grad_ref[name]), rtol=1e-6, atol=1e-9)
+    # a check that can fail: seed 0's run (the same compiled programs) is another run
+    value_0, grad_0 = problem.value_and_metagrad_at_seed(meta, 0, k=2)
+    assert float(value_0) != pytest.approx(float(value), rel=1e-4)
+    assert not np.allclose(np.asarray(grad_0["lr_schedule"]), np.asarray(grad["lr_schedule"]), rtol=1e-3)
+    scores, scores_ref = evaluate_at_seed(problem, meta, 3), other.evaluate(other.train(meta))
+    assert scores.keys() == scores_ref.keys()
+    for key in scores:
+        assert scores[key] == pytest.approx(scores_ref[key], rel=1e-6), key
+
+
+def test_the_schedule_sets_the_injected_adamw_rate():
+    """clip + AdamW with an injected rate under a per-step schedule c_t is clip + AdamW at the rate c_t."""
+    rates = np.asarray([0.02, 0.005, 0.01, 0.001])
+    scheduled = lm_problem(num_steps=4, data_weights=None, mixture_weights=None, lr_schedule=mg.LRSchedule(4))
+    scheduled = dataclasses.replace(scheduled, optimizer=lm.scheduled_adamw())
+    assert scheduled.info().learning_rate == 0.0  # the schedule, not the optimizer, gives the rate
+    state = scheduled.train({"lr_schedule": jnp.asarray(rates, jnp.float32)})
+    schedule = lambda count: jnp.asarray(rates, jnp.float32)[count]  # noqa: E731
+    fixed = dataclasses.replace(scheduled, optimizer=lm.adamw_chain(schedule), lr_schedule=None)
+    reference = fixed.train({})
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(reference["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(state["params"]),
+                                                             jax.tree.leaves(scheduled.init_state()["params"]))]
+    assert max(moved) > 1e-3
+
+
+def test_the_schedule_search_runs_on_the_lm_problem_and_resumes(tmp_path):
+    """search_schedule end to end on an LMProblem (tiny transformer, a few steps, two meta-steps); a rerun
+    resumes without redoing a meta-step; other settings are refused."""
+    from metagrad.store import SettingsMismatchError
+
+    out = tmp_path / "run"
+    report = lm.run_lm_schedule(None, str(out), smoke=True, progress=False)
+    assert set(report["methods"]) == {"mgd", "best_grid", "initial"}
+    for metrics in report["methods"].values():
+        assert set(metrics) == {f"{k}{s}" for k in ("val_loss", "test_loss", "val_bpb", "test_bpb")
+                                for s in ("", "_std")}
+        assert np.isfinite(list(metrics.values())).all()
+        assert metrics["test_bpb"] == pytest.approx(metrics["test_loss"] / math.log(2))
+    assert len(report["grid"]) == 3 and report["grid"][0]["val_loss"] <= report["grid"][-1]["val_loss"]
+    assert [h["meta_step"] for h in report["history"]] == [0, 1] and report["resumed_from_meta_step"] == 0
+    # MGD moved the schedule away from its flat start
+    assert len(set(np.round(report["learned_knots"], 8))) > 1
+    assert all(k > 0 for k in report["learned_knots"])
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["smoke"] is True and saved["methods"] == report["methods"]
+    assert (out / "lr_schedule.png").read_bytes()[:4] == b"\x89PNG"
+    again = lm.run_lm_schedule(None, str(out), smoke=True, progress=False)
+    assert again["resumed_from_meta_step"] == 2 and again["methods"] == report["methods"]
+    with pytest.raises(SettingsMismatchError, match="target_domain"):
+        lm.run_lm_schedule(None, str(out), smoke=True, target_domain="digits", progress=False)
+
+
+def test_a_target_domain_is_what_the_schedule_search_scores():
+    problem = lm.schedule.lm_schedule_problem(synthetic_corpus(), config="tiny", num_steps=3, batch_size=6,
+                                              seq_len=8, doc_size=32, eval_windows=4, target_domain="digits")
+    scores = problem.evaluate(problem.init_state())
+    assert scores["val_loss"] == scores["val_loss/digits"] == scores["target_val_loss"]
+    assert scores["all_val_loss"] == pytest.approx(np.mean([scores[f"val_loss/{d}"] for d in problem.domains]))
+    assert scores["test_bpb"] == pytest.approx(scores["test_loss/digits"] / math.log(2))
+    with pytest.raises(ValueError, match="context"):
+        lm.schedule.lm_schedule_problem(synthetic_corpus(), config="tiny", num_steps=3, batch_size=6, seq_len=32)

@@ -38,6 +38,7 @@ SCRIPTS = {
     "dga_mixing.py": ("result_smoke.json", "dga_mixing_smoke.png"),
     "hyperflow.py": ("result.json", "hyperflow.png"),
     "learning_transfer.py": ("result.json", "learning_transfer.png"),
+    "lm_schedule.py": ("result.json", "lr_schedule.png"),
     "lr_schedule.py": ("summary.json", "lr_schedule.png"),
     "metasmoothness.py": ("result.json", "metasmoothness.png"),
     "benchmarks/conv1d_impl.py": ("",),

@@ -50,6 +50,22 @@ def default_grid(peaks=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2), warmups=(0.05, 0.25)
     return grid
 
 
+#: the metrics of ``problem.evaluate`` a report gives per method, those the problem reports (accuracy for a
+#: classifier, bits per byte for a language model)
+METRICS = ("val_loss", "test_loss", "test_accuracy", "val_bpb", "test_bpb")
+METRIC_LABELS = {"val_loss": "val loss", "test_loss": "test loss", "test_accuracy": "test acc", "val_bpb": "val bpb",
+                 "test_bpb": "test bpb"}
+
+
+def with_schedule_only(problem, spec):
+    """``problem`` with the schedule ``spec`` as its one metaparameter: each other metaparameter field it declares
+    (``data_weights``, ``poison``, ``mixture_weights``, ...) set to ``None``; any Problem dataclass with an
+    ``lr_schedule`` field (:class:`~metagrad.training.TrainingProblem`, :class:`~metagrad.lm.LMProblem`)."""
+    fields = {f.name for f in dataclasses.fields(problem)}
+    others = {name: None for name in problem.meta_specs() if name != "lr_schedule" and name in fields}
+    return dataclasses.replace(problem, lr_schedule=spec, **others)
+
+
 def per_step_problem(problem: TrainingProblem) -> TrainingProblem:
     """The same problem with a per-step LR schedule (any schedule can then be given exactly)."""
     return dataclasses.replace(problem, lr_schedule=LRSchedule(problem.num_steps, 0.0))
@@ -166,9 +182,12 @@ def search_schedule(problem: TrainingProblem, search: ScheduleSearch = ScheduleS
        has the lower mean validation loss on ``selection_seeds``;
     3. both answers (and MGD's start) retrained on ``eval_seeds``: ``"methods"`` maps ``"mgd"``,
        ``"best_grid"`` and ``"initial"`` to mean and standard deviation of ``val_loss``, ``test_loss`` and
-       ``test_accuracy``. Test metrics choose nothing.
+       those of ``test_accuracy``, ``val_bpb``, ``test_bpb`` the problem's ``evaluate`` reports
+       (:data:`METRICS`). Test metrics choose nothing.
 
-    ``problem``'s optimizer should take its learning rate from the schedule
+    ``problem``: a :class:`~metagrad.training.TrainingProblem` or a :class:`~metagrad.lm.LMProblem` (a Problem
+    dataclass with an ``lr_schedule`` field, ``value_and_metagrad_at_seed`` and ``initial_state_for_seed``).
+    Its optimizer should take its learning rate from the schedule
     (``optax.inject_hyperparams``); otherwise the schedule's values multiply the
     optimizer's own step. With ``store``, every finished grid run, the MGD
     state after each meta-step and every evaluation are saved there, and a
@@ -178,7 +197,7 @@ def search_schedule(problem: TrainingProblem, search: ScheduleSearch = ScheduleS
     store_put = (lambda key, value: None) if store is None else store.put
     T = problem.num_steps
 
-    exact = dataclasses.replace(problem, lr_schedule=LRSchedule(T, 0.0), data_weights=None, poison=None)
+    exact = with_schedule_only(problem, LRSchedule(T, 0.0))
     grid = search.grid()
     rows = []
     tic = time.perf_counter()
@@ -195,7 +214,7 @@ def search_schedule(problem: TrainingProblem, search: ScheduleSearch = ScheduleS
     ranked = sorted(range(len(rows)), key=lambda i: rows[i]["val_loss"] if np.isfinite(rows[i]["val_loss"]) else np.inf)
 
     spec = LogLRSchedule(search.num_knots, search.initial_lr)
-    learner = dataclasses.replace(problem, lr_schedule=spec, data_weights=None, poison=None)
+    learner = with_schedule_only(problem, spec)
 
     def value_and_metagrad(meta, meta_step):
         seeds = fresh_training_seeds(meta_step, search.seeds_per_step, search.seed_start)
@@ -239,8 +258,9 @@ def search_schedule(problem: TrainingProblem, search: ScheduleSearch = ScheduleS
                 "best_grid": scored("best_grid", exact, {"lr_schedule": best_lrs}, search.eval_seeds),
                 "initial": scored("initial", learner, learner.init_meta(), search.eval_seeds)}
     unit = seconds_per_training_run(learner, learner.init_meta())
+    metrics = tuple(key for key in METRICS if key in per_seed["mgd"][0])
     return {
-        "methods": {name: mean_and_std(rows_) for name, rows_ in per_seed.items()},
+        "methods": {name: mean_and_std(rows_, metrics) for name, rows_ in per_seed.items()},
         "per_seed": per_seed,
         "grid": [rows[i] for i in ranked],
         "best_grid": best,
@@ -270,9 +290,9 @@ def report_table(report: dict) -> str:
     def cell(m, key):
         return f"{m[key]:.4f} ± {m[key + '_std']:.4f}"
 
-    rows = [(name, cell(m, "val_loss"), cell(m, "test_loss"), cell(m, "test_accuracy"))
-            for name, m in report["methods"].items()]
-    return format_table(("schedule", "val loss", "test loss", "test acc"), rows)
+    keys = [key for key in METRICS if key in next(iter(report["methods"].values()))]
+    rows = [(name, *(cell(m, key) for key in keys)) for name, m in report["methods"].items()]
+    return format_table(("schedule", *(METRIC_LABELS[key] for key in keys)), rows)
 
 
 def write_report(report: dict, out_dir: str) -> None:

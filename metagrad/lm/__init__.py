@@ -9,20 +9,24 @@
 * :mod:`.mixture` -- :class:`MixtureWeights`, per-domain loss weights on the simplex as a metaparameter.
 * :mod:`.problem` -- :class:`LMProblem`, next-byte prediction as a :class:`metagrad.Problem` whose
   metagradient REPLAY computes exactly (learning-rate schedule, per-document weights, mixture weights).
+* :mod:`.schedule` -- :func:`run_lm_schedule`: MGD on the model's learning-rate schedule against a grid of
+  standard schedules (Engstrom et al., arXiv 2503.13751, Sec. 5.3).
 * :mod:`.cli` -- ``metagrad corpus build --out DIR`` (``python -m metagrad.lm.cli corpus build --out DIR``).
 """
 
-from . import corpus, mixture, optim, problem, transformer
+from . import corpus, mixture, optim, problem, schedule, transformer
 from .corpus import DEFAULT_DOMAINS, Corpus, DomainSource, build_corpus, load_corpus
 from .mixture import MixtureWeights
-from .optim import baseline_optimizer, warmup_cosine
+from .optim import adamw_chain, baseline_optimizer, scheduled_adamw, warmup_cosine
 from .problem import LMProblem, LMProblemInfo
+from .schedule import run_lm_schedule
 from .transformer import (CONFIGS, PARAMETER_RANGES, Transformer, TransformerConfig, bits_per_byte, config_named,
                           count_parameters, token_losses, window_losses)
 
 __all__ = [
     "CONFIGS", "Corpus", "DEFAULT_DOMAINS", "DomainSource", "LMProblem", "LMProblemInfo", "MixtureWeights",
-    "PARAMETER_RANGES", "Transformer", "TransformerConfig", "baseline_optimizer", "bits_per_byte", "build_corpus",
-    "config_named", "corpus", "count_parameters", "load_corpus", "mixture", "optim", "problem", "token_losses",
-    "transformer", "warmup_cosine", "window_losses",
+    "PARAMETER_RANGES", "Transformer", "TransformerConfig", "adamw_chain", "baseline_optimizer", "bits_per_byte",
+    "build_corpus", "config_named", "corpus", "count_parameters", "load_corpus", "mixture", "optim", "problem",
+    "run_lm_schedule", "schedule", "scheduled_adamw", "token_losses", "transformer", "warmup_cosine",
+    "window_losses",
 ]

@@ -285,28 +285,39 @@ class LMProblem:
         return self._arrays[split]
 
     # ------------------------------------------------------------------ the run
+    def seed_of(self, meta):
+        """The seed of the windows and dropout: ``meta["seed"]`` when present (:meth:`value_and_metagrad_at_seed`)."""
+        return meta["seed"] if isinstance(meta, dict) and "seed" in meta else self.seed
+
     def init_state(self, meta=None) -> dict:
         """``state_0``: parameters (and mutable collections) initialized from ``stream_key(seed, "init")``, the
         optimizer state."""
         cached = self.__dict__.get("_state0")
         if cached is None:
-            example = jnp.zeros((1, self.seq_len), jnp.int32)
-            params, model_state = self._classifier.init(stream_key(self.seed, "init"), example, self.param_dtype)
-            cached = {"params": params, "opt_state": self.optimizer.init(params)}
-            if model_state:
-                cached["model_state"] = model_state
+            cached = self.initial_state_for_seed(self.seed)
             object.__setattr__(self, "_state0", cached)
         return cached
 
-    def windows_on(self, arrays, t):
+    def initial_state_for_seed(self, seed: int) -> dict:
+        """``state_0`` of the run with initialization seed ``seed`` (not cached)."""
+        example = jnp.zeros((1, self.seq_len), jnp.int32)
+        params, model_state = self._classifier.init(stream_key(int(seed), "init"), example, self.param_dtype)
+        state0 = {"params": params, "opt_state": self.optimizer.init(params)}
+        if model_state:
+            state0["model_state"] = model_state
+        return state0
+
+    def windows_on(self, arrays, t, seed=None):
         """``(windows, documents)`` of step ``t``: ``(batch_size, seq_len + 1)`` bytes and each window's document.
 
-        Two random 32-bit words per window from ``stream_key(seed, "batch", t)``: the first, modulo the
+        Two random 32-bit words per window from ``stream_key(seed, "batch", t)`` (``seed``: the problem's
+        unless given, e.g. traced): the first, modulo the
         number of documents of the window's domain, picks the document; the second, modulo
         ``doc_size - seq_len``, the window's first byte in it (the bias of the modulo is below
         ``n / 2**32``, under 1e-6 for a million documents).
         """
-        bits = jax.random.bits(stream_key(self.seed, "batch", t), (self.batch_size, 2), jnp.uint32)
+        seed = self.seed if seed is None else seed
+        bits = jax.random.bits(stream_key(seed, "batch", t), (self.batch_size, 2), jnp.uint32)
         domain = arrays["slot_domain"]
         within = bits[:, 0] % arrays["num_docs"][domain].astype(jnp.uint32)
         docs = arrays["doc_base"][domain] + within.astype(jnp.int32)
@@ -316,7 +327,7 @@ class LMProblem:
 
     def batch_on(self, arrays, meta, t, params=None):
         """``(batch, ctx)`` of step ``t``: ``x``, ``y``, ``weights``, ``domain`` after every metaparameter's hook."""
-        windows, docs = self.windows_on(arrays, t)
+        windows, docs = self.windows_on(arrays, t, self.seed_of(meta))
         windows = windows.astype(jnp.int32)
         batch = {"x": windows[:, :-1], "y": windows[:, 1:], "weights": jnp.ones((self.batch_size,), self.param_dtype),
                  "domain": arrays["slot_domain"]}
@@ -343,7 +354,7 @@ class LMProblem:
         """One optimizer step on the batch of step ``t`` drawn from ``arrays`` (``problem.step`` binds them)."""
         params = state["params"]
         batch, ctx = self.batch_on(arrays, meta, t, params)
-        rng = stream_key(self.seed, "dropout", t)
+        rng = stream_key(self.seed_of(meta), "dropout", t)
         grads, model_state = jax.grad(self.batch_loss, has_aux=True)(params, state.get("model_state", {}), batch, rng)
         update = self.optimizer.update
         for name, spec in self.meta_specs().items():
@@ -400,6 +411,22 @@ class LMProblem:
         if not kwargs.get("wrt_state0"):
             warn_structurally_zero(self, meta, state0, grad)
         return value, grad
+
+    def value_and_metagrad_at_seed(self, meta, seed: int, **kwargs):
+        """``value_and_metagrad`` of the run with training seed ``seed``, compiled once for every seed.
+
+        Equal to ``dataclasses.replace(self, seed=seed).value_and_metagrad(meta)``, but the seed of the
+        windows and dropout enters the step as a traced ``meta["seed"]`` (no gradient), so averaging
+        metagradients over many training seeds (Engstrom et al., arXiv 2503.13751, Sec. 5.3: one fresh
+        seed per meta-step) does not recompile REPLAY's programs for each.
+        """
+        self.check_meta(meta)
+        state0 = self.initial_state_for_seed(seed)
+        seeded = {**meta, "seed": jnp.asarray(seed, jnp.int32)}
+        value, grad = replay.value_and_metagrad(self.step, self.objective, state0, seeded, self.num_steps, **kwargs)
+        if not kwargs.get("wrt_state0"):
+            warn_structurally_zero(self, seeded, state0, grad)
+        return value, {name: g for name, g in grad.items() if name != "seed"}
 
 
 @functools.partial(jax.jit, static_argnums=0)
