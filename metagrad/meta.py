@@ -405,3 +405,52 @@ class Poison(Metaparameter):
         rows = delta[jnp.maximum(slot, 0)]
         mask = (slot >= 0).reshape((-1,) + (1,) * (x.ndim - 1))
         return {**batch, "x": x + jnp.where(mask, rows, jnp.zeros_like(rows))}
+
+
+# ------------------------------------------------------------------ what every problem does with its specs
+def specs_by_name(builtin, extra=()) -> dict:
+    """The metaparameter specs by name: the ``builtin`` ones a problem declares (``None``: left out), then
+    ``extra``; each checked to be a :class:`Metaparameter` and each name given once."""
+    out = {}
+    for spec in [s for s in builtin if s is not None] + list(extra):
+        if not isinstance(spec, Metaparameter):
+            raise TypeError(f"{spec!r} is not a metagrad.meta.Metaparameter: subclass it to add a new kind.")
+        if spec.name in out:
+            raise ValueError(f"two metaparameters are named {spec.name!r}: give each kind once.")
+        out[spec.name] = spec
+    return out
+
+
+def injected_learning_rate(optimizer, dtype) -> float | None:
+    """The initial learning rate ``optimizer`` injects (``optax.inject_hyperparams``), or ``None``."""
+    probe = optimizer.init({"w": jnp.zeros((1,), dtype)})
+    return float(probe.hyperparams["learning_rate"]) if has_injected_lr(probe) else None
+
+
+def init_metaparameters(specs: dict, info) -> dict:
+    """Initial metaparameter values, one entry per spec of ``specs`` (by name)."""
+    return {name: spec.init(info) for name, spec in specs.items()}
+
+
+def check_metaparameters(meta, specs: dict, info, *, extra_parts=()) -> None:
+    """Raise ``ValueError`` saying what to change when ``meta`` does not fit ``specs`` (by name);
+    ``extra_parts`` are further entries ``meta`` may hold (e.g. a traced ``"seed"``)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta must be a dict of named metaparameters, got {type(meta).__name__}.")
+    if set(meta) - set(extra_parts) != set(specs):
+        raise ValueError(
+            f"meta has parts {sorted(meta)} but the problem declares {sorted(specs)}: "
+            "build it with problem.init_meta()."
+        )
+    for name, spec in specs.items():
+        want, got = spec.shape(info), tuple(np.shape(meta[name]))
+        if got != want:
+            raise ValueError(
+                f"meta[{name!r}] has shape {got} but this problem needs {want} "
+                f"({spec.describe_shape(info)}): build it with problem.init_meta()."
+            )
+
+
+def project_metaparameters(meta, specs: dict, info) -> dict:
+    """``meta`` with every part that has a spec mapped back to its feasible set."""
+    return {name: specs[name].project(value, info) if name in specs else value for name, value in meta.items()}

@@ -35,7 +35,8 @@ import optax
 import replay
 
 from .data import Dataset, batch_indices
-from .meta import DataWeights, LRSchedule, Metaparameter, Poison, ProblemInfo, StepContext, has_injected_lr
+from .meta import (DataWeights, LRSchedule, Poison, ProblemInfo, StepContext, check_metaparameters, init_metaparameters,
+                   injected_learning_rate, project_metaparameters, specs_by_name)
 from .models import Classifier, loss_and_accuracy
 from .problem import run_key, stream_key
 
@@ -160,56 +161,30 @@ class TrainingProblem:
     # ----------------------------------------------------------------- metaparameters
     def meta_specs(self) -> dict:
         """The declared metaparameter specs by name (the built-in three, then ``metaparameters``)."""
-        specs = [s for s in (self.lr_schedule, self.data_weights, self.poison) if s is not None]
-        specs += list(self.metaparameters)
-        out = {}
-        for spec in specs:
-            if not isinstance(spec, Metaparameter):
-                raise TypeError(f"{spec!r} is not a metagrad.meta.Metaparameter: subclass it to add a new kind.")
-            if spec.name in out:
-                raise ValueError(f"two metaparameters are named {spec.name!r}: give each kind once.")
-            out[spec.name] = spec
-        return out
+        return specs_by_name((self.lr_schedule, self.data_weights, self.poison), self.metaparameters)
 
     def info(self) -> ProblemInfo:
         """What the metaparameters may know of this problem (:class:`~metagrad.meta.ProblemInfo`)."""
         cached = self.__dict__.get("_info")
         if cached is not None:
             return cached
-        probe = self.optimizer.init({"w": jnp.zeros((1,), self.param_dtype)})
-        lr = float(probe.hyperparams["learning_rate"]) if has_injected_lr(probe) else None
         return ProblemInfo(num_steps=self.num_steps, num_train=self.data.num_train,
                            input_shape=self.data.input_shape, dtype=jnp.dtype(self.param_dtype),
-                           x_train=self.data.x_train, input_range=self.data.input_range, learning_rate=lr,
+                           x_train=self.data.x_train, input_range=self.data.input_range,
+                           learning_rate=injected_learning_rate(self.optimizer, self.param_dtype),
                            feature_scale=self.data.feature_scale)
 
     def init_meta(self) -> dict:
         """Initial metaparameter values, one entry per declared spec."""
-        return {name: spec.init(self._info) for name, spec in self.meta_specs().items()}
+        return init_metaparameters(self.meta_specs(), self._info)
 
     def check_meta(self, meta) -> None:
         """Raise ``ValueError`` saying what to change when ``meta`` does not fit this problem."""
-        if not isinstance(meta, dict):
-            raise ValueError(f"meta must be a dict of named metaparameters, got {type(meta).__name__}.")
-        specs = self.meta_specs()
-        if set(meta) - {"seed"} != set(specs):
-            raise ValueError(
-                f"meta has parts {sorted(meta)} but the problem declares {sorted(specs)}: "
-                "build it with problem.init_meta()."
-            )
-        for name, spec in specs.items():
-            want, got = spec.shape(self._info), tuple(np.shape(meta[name]))
-            if got != want:
-                raise ValueError(
-                    f"meta[{name!r}] has shape {got} but this problem needs {want} "
-                    f"({spec.describe_shape(self._info)}): build it with problem.init_meta()."
-                )
+        check_metaparameters(meta, self.meta_specs(), self._info, extra_parts=("seed",))
 
     def project_meta(self, meta) -> dict:
         """Map metaparameters back to their feasible sets."""
-        specs = self.meta_specs()
-        return {name: specs[name].project(value, self._info) if name in specs else value
-                for name, value in meta.items()}
+        return project_metaparameters(meta, self.meta_specs(), self._info)
 
     def learning_rates(self, meta):
         """The schedule's value at every step under ``meta`` (learning rates, or multipliers; see LRSchedule)."""
